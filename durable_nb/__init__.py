@@ -1,0 +1,34 @@
+"""durable_nb: durable execution for Jupyter notebooks.
+
+`%load_ext durable_nb`, then mark expensive cells with `%%durable_step NAME`: completed
+steps replay after a kernel restart instead of running again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["Workflow", "__version__", "load_ipython_extension", "unload_ipython_extension"]
+
+
+def load_ipython_extension(shell: Any) -> None:
+    from .magics import DurableMagics
+
+    shell.register_magics(DurableMagics)
+
+
+def unload_ipython_extension(shell: Any) -> None:
+    for kind in ("line", "cell"):
+        for name in ("durable_workflow", "durable_step"):
+            shell.magics_manager.magics[kind].pop(name, None)
+
+
+def __getattr__(name: str) -> Any:
+    # The API pulls in duckdb and cloudpickle; import them only when used.
+    if name == "Workflow":
+        from .api import Workflow
+
+        return Workflow
+    raise AttributeError(f"module 'durable_nb' has no attribute {name!r}")

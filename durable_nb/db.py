@@ -1,0 +1,210 @@
+"""The database layer: the only module that imports duckdb.
+
+Connections are short-lived on purpose: DuckDB lets one process hold a file open for
+writing and locks everyone else out (even readers), so the kernel opens the store for
+each step and closes it before the cell returns. Another process (the CLI, a second
+notebook) can then use the same file while the notebook is idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import duckdb
+
+from .errors import StoreCorruptError, StoreError, StoreLockedError, StoreVersionError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DEFAULT_LOCK_TIMEOUT = 30.0
+
+# Rows are keyed by (workflow_id, sequence_number, revision): a position in the logical
+# clock can be taken over by another step when the notebook's history diverges; the
+# earlier rows stay (superseded_at set) for inspection and are never replayed.
+_SCHEMA_V1 = [
+    """CREATE TABLE durable_nb_meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)""",
+    """CREATE TABLE steps (
+        workflow_id VARCHAR NOT NULL,
+        sequence_number INTEGER NOT NULL,
+        revision INTEGER NOT NULL,
+        step_name VARCHAR NOT NULL,
+        status VARCHAR NOT NULL,
+        code_fingerprint VARCHAR NOT NULL,
+        code VARCHAR NOT NULL,
+        reason VARCHAR NOT NULL,
+        error VARCHAR,
+        started_at TIMESTAMP NOT NULL,
+        finished_at TIMESTAMP NOT NULL,
+        duration_seconds DOUBLE NOT NULL,
+        state_bytes BIGINT NOT NULL,
+        unrestorable VARCHAR NOT NULL,
+        superseded_at TIMESTAMP,
+        PRIMARY KEY (workflow_id, sequence_number, revision))""",
+    """CREATE TABLE step_outputs (
+        workflow_id VARCHAR NOT NULL,
+        sequence_number INTEGER NOT NULL,
+        revision INTEGER NOT NULL,
+        output_index INTEGER NOT NULL,
+        output_type VARCHAR NOT NULL,
+        output_json VARCHAR NOT NULL,
+        transient_json VARCHAR)""",
+    """CREATE TABLE step_variables (
+        workflow_id VARCHAR NOT NULL,
+        sequence_number INTEGER NOT NULL,
+        revision INTEGER NOT NULL,
+        variable_name VARCHAR NOT NULL,
+        codec VARCHAR NOT NULL,
+        type_name VARCHAR NOT NULL,
+        size_bytes BIGINT NOT NULL)""",
+    """CREATE TABLE variable_chunks (
+        workflow_id VARCHAR NOT NULL,
+        sequence_number INTEGER NOT NULL,
+        revision INTEGER NOT NULL,
+        variable_name VARCHAR NOT NULL,
+        chunk_index INTEGER NOT NULL,
+        size_bytes BIGINT NOT NULL,
+        data BLOB,
+        blob_sha256 VARCHAR)""",
+]
+
+# Migrations from version N to N+1, applied in order inside one transaction.
+_MIGRATIONS: dict[int, list[str]] = {}
+
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?)(?:\. See also|$)")
+
+Connection = duckdb.DuckDBPyConnection
+
+
+def lock_timeout_from_env() -> float:
+    value = os.environ.get("DURABLE_NB_LOCK_TIMEOUT")
+    return float(value) if value else DEFAULT_LOCK_TIMEOUT
+
+
+class Database:
+    """One DuckDB store file: opens short-lived connections, owns schema and transactions."""
+
+    def __init__(self, path: str | os.PathLike[str], lock_timeout: float | None = None) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.lock_timeout = lock_timeout_from_env() if lock_timeout is None else lock_timeout
+        self._schema_checked_for: tuple[int, int] | None = None
+        # DuckDB connections to one file from several threads of one process would share
+        # an instance; a per-store lock keeps the open/close discipline simple.
+        self._thread_lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"Database({self.path!r})"
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A connection with the schema in place, closed (and the file lock released) on exit."""
+        with self._thread_lock:
+            connection = self._open_with_retry()
+            try:
+                self._ensure_schema(connection)
+                yield connection
+            finally:
+                connection.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One atomic unit of work: committed on a normal exit, rolled back on any exception."""
+        with self.connect() as connection:
+            connection.begin()
+            try:
+                yield connection
+            except BaseException:
+                connection.rollback()
+                raise
+            connection.commit()
+
+    def _open_with_retry(self) -> Connection:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.005
+        started = time.monotonic()
+        while True:
+            try:
+                return duckdb.connect(self.path)
+            except duckdb.IOException as exc:
+                message = str(exc)
+                if "not a valid DuckDB database file" in message or "Corrupt" in message:
+                    raise StoreCorruptError(self.path, "it is not a valid DuckDB database file") from exc
+                if "lock" not in message.lower():
+                    raise StoreError(self.path, f"Could not open the store {self.path!r}: {message}") from exc
+                if time.monotonic() >= deadline:
+                    match = _LOCK_HOLDER.search(message)
+                    holder = match.group(1).strip() if match else "unknown process"
+                    raise StoreLockedError(self.path, time.monotonic() - started, holder) from exc
+                log.debug("Store %s is locked, retrying in %.3f s", self.path, delay)
+                # Jitter keeps two waiting kernels from retrying in lockstep.
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.25)
+            except duckdb.Error as exc:
+                raise StoreCorruptError(self.path, str(exc)) from exc
+
+    def _ensure_schema(self, connection: Connection) -> None:
+        stat = os.stat(self.path)
+        identity = (stat.st_dev, stat.st_ino)
+        if self._schema_checked_for == identity:
+            return
+        try:
+            found = self._schema_version(connection)
+        except duckdb.Error as exc:
+            raise StoreCorruptError(self.path, f"reading its schema failed ({exc})") from exc
+        if found is None:
+            self._apply(connection, _SCHEMA_V1, SCHEMA_VERSION)
+            log.info("Created durable_nb store %s (schema %d)", self.path, SCHEMA_VERSION)
+        elif found > SCHEMA_VERSION:
+            raise StoreVersionError(self.path, found, SCHEMA_VERSION)
+        else:
+            for version in range(found, SCHEMA_VERSION):
+                self._apply(connection, _MIGRATIONS[version], version + 1)
+                log.info("Migrated store %s to schema %d", self.path, version + 1)
+        self._schema_checked_for = identity
+
+    @staticmethod
+    def _schema_version(connection: Connection) -> int | None:
+        tables = {
+            row[0]
+            for row in connection.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+            ).fetchall()
+        }
+        if "durable_nb_meta" not in tables:
+            if tables:
+                raise duckdb.Error(f"it holds tables {sorted(tables)} but no durable_nb metadata")
+            return None
+        row = connection.execute(
+            "SELECT value FROM durable_nb_meta WHERE key = 'schema_version'"
+        ).fetchone()
+        if row is None:
+            raise duckdb.Error("its metadata has no schema_version")
+        return int(row[0])
+
+    @staticmethod
+    def _apply(connection: Connection, statements: Sequence[str], version: int) -> None:
+        connection.begin()
+        try:
+            for statement in statements:
+                connection.execute(statement)
+            connection.execute(
+                "INSERT OR REPLACE INTO durable_nb_meta VALUES ('schema_version', ?)", [str(version)]
+            )
+            connection.commit()
+        except BaseException:
+            connection.rollback()
+            raise
+
+
+def fetch_dicts(connection: Connection, query: str, parameters: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    cursor = connection.execute(query, list(parameters))
+    columns = [description[0] for description in cursor.description]
+    return [dict(zip(columns, row)) for row in cursor.fetchall()]

@@ -1,0 +1,125 @@
+"""Where a step runs: an IPython shell, or a plain namespace for scripts.
+
+The executor asks its host for the namespace, the names to leave alone, a filename for
+tracebacks, output recording and replay. Keeping this behind one small class lets the
+executor run (and be tested) without IPython.
+"""
+
+from __future__ import annotations
+
+import linecache
+import sys
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from .capture import OutputRecorder, recording
+from .state import is_ipython_internal
+
+
+class Host(Protocol):
+    namespace: dict[str, Any]
+
+    def is_hidden(self, name: str) -> bool: ...
+    def transform(self, source: str) -> str: ...
+    def filename(self, source: str, step_name: str) -> str: ...
+    def recording(self) -> AbstractContextManager[OutputRecorder]: ...
+    def format_result(self, value: Any) -> tuple[dict[str, Any], dict[str, Any]]: ...
+    def after_body(self) -> None: ...
+    def publish_display(self, data: dict[str, Any], metadata: dict[str, Any],
+                        transient: dict[str, Any] | None) -> None: ...
+    def notebook_path(self) -> str | None: ...
+
+
+class ReplayedResult:
+    """Stands in for a replayed step's last value: shows as the recorded execute_result."""
+
+    def __init__(self, data: dict[str, Any], metadata: dict[str, Any]) -> None:
+        self.data = data
+        self.metadata = metadata
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict, dict]:
+        return self.data, self.metadata
+
+    def __repr__(self) -> str:
+        return str(self.data.get("text/plain", "<replayed result>"))
+
+
+class IPythonHost:
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+
+    @property
+    def namespace(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.shell.user_ns  # type: ignore[no-any-return]
+
+    def is_hidden(self, name: str) -> bool:
+        return name in self.shell.user_ns_hidden or is_ipython_internal(name)
+
+    def transform(self, source: str) -> str:
+        return self.shell.transform_cell(source)  # type: ignore[no-any-return]
+
+    def filename(self, source: str, step_name: str) -> str:
+        # Registers the source with IPython so tracebacks show the user's own lines.
+        return self.shell.compile.cache(source, self.shell.execution_count)  # type: ignore[no-any-return]
+
+    def recording(self) -> AbstractContextManager[OutputRecorder]:
+        return recording(self.shell.display_pub)
+
+    def format_result(self, value: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        data, metadata = self.shell.display_formatter.format(value)
+        return data, metadata
+
+    def after_body(self) -> None:
+        # The inline matplotlib backend shows a cell's figures in a post_execute hook, after
+        # the magic has returned; show them now so the step records them.
+        backend_inline = sys.modules.get("matplotlib_inline.backend_inline")
+        if backend_inline is not None and "inline" in str(_matplotlib_backend()):
+            backend_inline.flush_figures()
+
+    def publish_display(self, data: dict[str, Any], metadata: dict[str, Any],
+                        transient: dict[str, Any] | None) -> None:
+        self.shell.display_pub.publish(data, metadata, transient=transient)
+
+    def notebook_path(self) -> str | None:
+        path = self.namespace.get("__vsc_ipynb_file__")
+        return str(path) if path else None
+
+
+class PlainHost:
+    """A dict namespace, streams on sys.stdout/sys.stderr, displays as their text/plain."""
+
+    def __init__(self, namespace: dict[str, Any] | None = None) -> None:
+        self.namespace = {} if namespace is None else namespace
+
+    def is_hidden(self, name: str) -> bool:
+        return name.startswith("__") and name.endswith("__")
+
+    def transform(self, source: str) -> str:
+        return source
+
+    def filename(self, source: str, step_name: str) -> str:
+        filename = f"<durable step {step_name}>"
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        return filename
+
+    def recording(self) -> AbstractContextManager[OutputRecorder]:
+        return recording(None)
+
+    def format_result(self, value: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {"text/plain": repr(value)}, {}
+
+    def after_body(self) -> None:
+        return None
+
+    def publish_display(self, data: dict[str, Any], metadata: dict[str, Any],
+                        transient: dict[str, Any] | None) -> None:
+        if "text/plain" in data:
+            print(data["text/plain"])
+
+    def notebook_path(self) -> str | None:
+        return None
+
+
+def _matplotlib_backend() -> str:
+    matplotlib = sys.modules.get("matplotlib")
+    return matplotlib.get_backend() if matplotlib is not None else ""

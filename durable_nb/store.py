@@ -1,0 +1,353 @@
+"""The step store: steps, their outputs and their state, as rows.
+
+Layout: every step record, every output and every small value lives in the DuckDB file.
+A value's byte chunks larger than `inline_limit` go to content-addressed payload files
+in a folder beside the database (`<store>.blobs/ab/abcdef...`): DuckDB caps one value at
+4 GB and reads big BLOBs several times slower than a plain file read. A payload file is
+written and fsynced *before* the transaction that refers to it, so the DuckDB commit stays
+the single commit point; a crash in between leaves only unreferenced files, which `gc`
+removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any, Iterable, Sequence
+
+from .db import Connection, Database, fetch_dicts
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INLINE_LIMIT = 256 * 1024
+# gc leaves payload files younger than this alone: they may belong to a step that another
+# process is committing right now.
+GC_GRACE_SECONDS = 3600.0
+
+COMPLETED = "completed"
+FAILED = "failed"
+
+Chunk = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    workflow_id: str
+    sequence_number: int
+    step_name: str
+    status: str
+    code_fingerprint: str
+    code: str
+    reason: str
+    started_at: datetime
+    finished_at: datetime
+    duration_seconds: float
+    state_bytes: int = 0
+    error: str | None = None
+    unrestorable: dict[str, str] = field(default_factory=dict)
+    revision: int = 0
+    superseded_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StoredOutput:
+    """One output as nbformat writes it, plus the display's transient part (display_id)."""
+
+    output: dict[str, Any]
+    transient: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class StoredVariable:
+    name: str
+    codec: str
+    type_name: str
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(memoryview(chunk).nbytes for chunk in self.chunks)
+
+
+@dataclass(frozen=True)
+class WorkflowSummary:
+    workflow_id: str
+    steps: int
+    completed: int
+    state_bytes: int
+    last_activity: datetime
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class StepStore:
+    """Save a step, find a step, read a stored result. Knows rows, never callables."""
+
+    def __init__(self, path: str | os.PathLike[str], *, inline_limit: int = DEFAULT_INLINE_LIMIT,
+                 lock_timeout: float | None = None) -> None:
+        self.database = Database(path, lock_timeout=lock_timeout)
+        self.inline_limit = inline_limit
+
+    @property
+    def path(self) -> str:
+        return self.database.path
+
+    @property
+    def blob_dir(self) -> str:
+        return self.database.path + ".blobs"
+
+    def __repr__(self) -> str:
+        return f"StepStore({self.path!r})"
+
+    # -- reading -----------------------------------------------------------------------
+
+    def live_steps(self, workflow_id: str) -> list[StepRecord]:
+        """The workflow's current history, one record per position, in clock order."""
+        with self.database.connect() as connection:
+            return self._live_steps_txn(connection, workflow_id)
+
+    def all_steps(self, workflow_id: str) -> list[StepRecord]:
+        """Every record, superseded ones included, by position then revision."""
+        with self.database.connect() as connection:
+            rows = fetch_dicts(connection, "SELECT * FROM steps WHERE workflow_id = ? "
+                               "ORDER BY sequence_number, revision", [workflow_id])
+        return [_record_from_row(row) for row in rows]
+
+    def read_outputs(self, record: StepRecord) -> list[StoredOutput]:
+        with self.database.connect() as connection:
+            return self._read_outputs_txn(connection, record)
+
+    def read_step(self, record: StepRecord) -> tuple[list[StoredOutput], list[StoredVariable]]:
+        """A recorded step's outputs and its state, in one connection."""
+        with self.database.connect() as connection:
+            outputs = self._read_outputs_txn(connection, record)
+            variables = self._read_variables_txn(connection, record)
+        return outputs, variables
+
+    def list_workflows(self) -> list[WorkflowSummary]:
+        with self.database.connect() as connection:
+            rows = connection.execute(
+                "SELECT workflow_id, count(*), count(*) FILTER (status = 'completed'), "
+                "sum(state_bytes), max(finished_at) FROM steps WHERE superseded_at IS NULL "
+                "GROUP BY workflow_id ORDER BY workflow_id").fetchall()
+        return [WorkflowSummary(*row) for row in rows]
+
+    # -- writing -----------------------------------------------------------------------
+
+    def record_step(self, record: StepRecord, outputs: Sequence[StoredOutput],
+                    variables: Sequence[StoredVariable], *,
+                    supersede_from: int | None = None) -> StepRecord:
+        """Commit a step's whole record atomically, replacing the live row at its position.
+
+        With `supersede_from`, live rows from that position on are first marked superseded
+        (kept, never replayed) in the same transaction.
+        """
+        chunk_rows = [
+            (variable.name, index, chunk_size, inline, blob)
+            for variable in variables
+            for index, (chunk_size, inline, blob) in enumerate(self._place_chunks(variable.chunks))
+        ]
+        with self.database.transaction() as connection:
+            return self._record_step_txn(connection, record, outputs, variables, chunk_rows,
+                                         supersede_from)
+
+    def delete_steps(self, workflow_id: str, from_sequence_number: int = 1) -> int:
+        """Forget a workflow's steps from a position on (all revisions); returns how many."""
+        with self.database.transaction() as connection:
+            return self._delete_txn(connection, workflow_id, from_sequence_number)
+
+    def gc(self, grace_seconds: float = GC_GRACE_SECONDS) -> int:
+        """Remove payload files no step refers to; returns how many were removed."""
+        if not os.path.isdir(self.blob_dir):
+            return 0
+        with self.database.connect() as connection:
+            referenced = {row[0] for row in connection.execute(
+                "SELECT DISTINCT blob_sha256 FROM variable_chunks WHERE blob_sha256 IS NOT NULL"
+            ).fetchall()}
+        removed = 0
+        cutoff = time.time() - grace_seconds
+        for directory, _, files in os.walk(self.blob_dir):
+            for name in files:
+                path = os.path.join(directory, name)
+                if name not in referenced and os.stat(path).st_mtime < cutoff:
+                    os.remove(path)
+                    removed += 1
+        return removed
+
+    # -- payload files -----------------------------------------------------------------
+
+    def blob_path(self, sha256: str) -> str:
+        return os.path.join(self.blob_dir, sha256[:2], sha256)
+
+    def read_blob(self, sha256: str, size_bytes: int) -> bytearray:
+        """A payload file's bytes in a fresh writable buffer (one copy, no re-hashing)."""
+        buffer = bytearray(size_bytes)
+        with open(self.blob_path(sha256), "rb", buffering=0) as handle:
+            view = memoryview(buffer)
+            read = 0
+            while read < size_bytes:
+                count = handle.readinto(view[read:])
+                if not count:
+                    raise OSError(f"payload file {sha256} is shorter than the {size_bytes} bytes recorded")
+                read += count
+        return buffer
+
+    def _place_chunks(self, chunks: Iterable[Chunk]) -> list[tuple[int, bytes | None, str | None]]:
+        placed: list[tuple[int, bytes | None, str | None]] = []
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            if view.nbytes <= self.inline_limit:
+                placed.append((view.nbytes, view.tobytes(), None))
+            else:
+                placed.append((view.nbytes, None, self._write_blob(view)))
+        return placed
+
+    def _write_blob(self, view: memoryview) -> str:
+        sha256 = hashlib.sha256(view).hexdigest()
+        path = self.blob_path(sha256)
+        if os.path.exists(path) and os.path.getsize(path) == view.nbytes:
+            return sha256
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".partial-")
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(view)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
+        _fsync_directory(directory)
+        return sha256
+
+    # -- transactions (each takes the connection) ---------------------------------------
+
+    @staticmethod
+    def _live_steps_txn(connection: Connection, workflow_id: str) -> list[StepRecord]:
+        rows = fetch_dicts(connection, "SELECT * FROM steps WHERE workflow_id = ? AND "
+                           "superseded_at IS NULL ORDER BY sequence_number", [workflow_id])
+        return [_record_from_row(row) for row in rows]
+
+    @staticmethod
+    def _read_outputs_txn(connection: Connection, record: StepRecord) -> list[StoredOutput]:
+        rows = connection.execute(
+            "SELECT output_json, transient_json FROM step_outputs WHERE workflow_id = ? AND "
+            "sequence_number = ? AND revision = ? ORDER BY output_index",
+            [record.workflow_id, record.sequence_number, record.revision]).fetchall()
+        return [StoredOutput(json.loads(output), json.loads(transient) if transient else None)
+                for output, transient in rows]
+
+    def _read_variables_txn(self, connection: Connection, record: StepRecord) -> list[StoredVariable]:
+        key = [record.workflow_id, record.sequence_number, record.revision]
+        variables = connection.execute(
+            "SELECT variable_name, codec, type_name FROM step_variables WHERE workflow_id = ? "
+            "AND sequence_number = ? AND revision = ? ORDER BY variable_name", key).fetchall()
+        chunks: dict[str, list[Chunk]] = {name: [] for name, _, _ in variables}
+        for name, size_bytes, data, blob in connection.execute(
+                "SELECT variable_name, size_bytes, data, blob_sha256 FROM variable_chunks "
+                "WHERE workflow_id = ? AND sequence_number = ? AND revision = ? "
+                "ORDER BY variable_name, chunk_index", key).fetchall():
+            chunks[name].append(data if blob is None else _BlobReference(blob, size_bytes))
+        return [StoredVariable(name, codec, type_name, tuple(chunks[name]))
+                for name, codec, type_name in variables]
+
+    def _record_step_txn(self, connection: Connection, record: StepRecord,
+                         outputs: Sequence[StoredOutput], variables: Sequence[StoredVariable],
+                         chunk_rows: list[tuple[str, int, int, bytes | None, str | None]],
+                         supersede_from: int | None) -> StepRecord:
+        workflow_id, sequence_number = record.workflow_id, record.sequence_number
+        if supersede_from is not None:
+            connection.execute(
+                "UPDATE steps SET superseded_at = ? WHERE workflow_id = ? AND "
+                "sequence_number >= ? AND superseded_at IS NULL",
+                [utc_now(), workflow_id, supersede_from])
+        live = connection.execute(
+            "SELECT revision FROM steps WHERE workflow_id = ? AND sequence_number = ? "
+            "AND superseded_at IS NULL", [workflow_id, sequence_number]).fetchall()
+        for (revision,) in live:
+            self._delete_revision_txn(connection, workflow_id, sequence_number, revision)
+        (revision,) = connection.execute(
+            "SELECT coalesce(max(revision), 0) + 1 FROM steps WHERE workflow_id = ? AND "
+            "sequence_number = ?", [workflow_id, sequence_number]).fetchone() or (1,)
+        stored = replace(record, revision=revision,
+                          state_bytes=sum(size for _, _, size, _, _ in chunk_rows))
+        connection.execute(
+            "INSERT INTO steps (workflow_id, sequence_number, revision, step_name, status, "
+            "code_fingerprint, code, reason, error, started_at, finished_at, duration_seconds, "
+            "state_bytes, unrestorable) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [workflow_id, sequence_number, revision, stored.step_name, stored.status,
+             stored.code_fingerprint, stored.code, stored.reason, stored.error, stored.started_at,
+             stored.finished_at, stored.duration_seconds, stored.state_bytes,
+             json.dumps(stored.unrestorable)])
+        key = [workflow_id, sequence_number, revision]
+        if outputs:
+            connection.executemany(
+                "INSERT INTO step_outputs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [key + [index, item.output["output_type"], json.dumps(item.output),
+                        json.dumps(item.transient) if item.transient else None]
+                 for index, item in enumerate(outputs)])
+        if variables:
+            connection.executemany(
+                "INSERT INTO step_variables VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [key + [variable.name, variable.codec, variable.type_name, variable.size_bytes]
+                 for variable in variables])
+        if chunk_rows:
+            connection.executemany("INSERT INTO variable_chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                   [key + list(row) for row in chunk_rows])
+        return stored
+
+    @staticmethod
+    def _delete_revision_txn(connection: Connection, workflow_id: str, sequence_number: int,
+                             revision: int) -> None:
+        for table in ("variable_chunks", "step_variables", "step_outputs", "steps"):
+            connection.execute(f"DELETE FROM {table} WHERE workflow_id = ? AND sequence_number = ? "
+                               "AND revision = ?", [workflow_id, sequence_number, revision])
+
+    @staticmethod
+    def _delete_txn(connection: Connection, workflow_id: str, from_sequence_number: int) -> int:
+        (count,) = connection.execute(
+            "SELECT count(*) FROM steps WHERE workflow_id = ? AND sequence_number >= ?",
+            [workflow_id, from_sequence_number]).fetchone() or (0,)
+        for table in ("variable_chunks", "step_variables", "step_outputs", "steps"):
+            connection.execute(f"DELETE FROM {table} WHERE workflow_id = ? AND sequence_number >= ?",
+                               [workflow_id, from_sequence_number])
+        return int(count)
+
+
+@dataclass(frozen=True)
+class _BlobReference:
+    """A chunk that lives in a payload file; `load_chunks` reads it."""
+
+    sha256: str
+    size_bytes: int
+
+
+def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
+    """The variable's chunks as bytes, reading payload files where the row points to one."""
+    return [store.read_blob(chunk.sha256, chunk.size_bytes) if isinstance(chunk, _BlobReference)
+            else chunk for chunk in variable.chunks]  # type: ignore[misc]
+
+
+def _record_from_row(row: dict[str, Any]) -> StepRecord:
+    row = dict(row)
+    row["unrestorable"] = json.loads(row["unrestorable"])
+    return StepRecord(**row)
+
+
+def _fsync_directory(directory: str) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
