@@ -230,7 +230,7 @@ class DurableExecutor:
         record(COMPLETED, recorder.outputs, stored,
                {item.name: item.reason for item in unstorable}, None)
         if unstorable:
-            details = "; ".join(f"{item.name} ({item.reason})" for item in unstorable)
+            details = "; ".join(f"{item.name!r} ({item.reason})" for item in unstorable)
             warnings.warn(
                 f"Step {step_name!r} completed, but these variables cannot be stored and will "
                 f"be missing when it replays: {details}. Create such objects in a plain cell "
@@ -250,6 +250,8 @@ class DurableExecutor:
                 continue
             if name not in namespace:
                 unstorable.append(state.Unstorable(name, "--vars names it, but it is not defined"))
+                continue
+            if state.is_spent(namespace[name]):
                 continue
             encoded = state.encode(name, namespace[name])
             (stored if isinstance(encoded, StoredVariable) else unstorable).append(encoded)  # type: ignore[arg-type]

@@ -92,7 +92,7 @@ class PlainHost:
         self.namespace = {} if namespace is None else namespace
 
     def is_hidden(self, name: str) -> bool:
-        return name.startswith("__") and name.endswith("__")
+        return name.startswith("__") and name.endswith("__")  # __builtins__ and the like
 
     def transform(self, source: str) -> str:
         return source

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib
+import io
 import pickle
 import re
 import types
@@ -149,12 +150,18 @@ class NamespaceWatch:
 
 
 def is_ipython_internal(name: str) -> bool:
-    return bool(_IPYTHON_CACHE.match(name))
+    """IPython's output cache and history names, and dunder names such as __builtins__."""
+    return bool(_IPYTHON_CACHE.match(name)) or (name.startswith("__") and name.endswith("__"))
 
 
 def type_name(value: Any) -> str:
     kind = type(value)
     return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def is_spent(value: Any) -> bool:
+    """A closed file (the `f` a `with open(...) as f:` leaves behind) holds nothing to restore."""
+    return isinstance(value, io.IOBase) and value.closed
 
 
 def encode(name: str, value: Any) -> StoredVariable | Unstorable:

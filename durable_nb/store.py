@@ -334,9 +334,18 @@ class _BlobReference:
 
 
 def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
-    """The variable's chunks as bytes, reading payload files where the row points to one."""
-    return [store.read_blob(chunk.sha256, chunk.size_bytes) if isinstance(chunk, _BlobReference)
-            else chunk for chunk in variable.chunks]  # type: ignore[misc]
+    """The variable's chunks, reading payload files where the row points to one.
+
+    Every chunk after the first (the pickle stream) backs an object's memory, such as a
+    numpy array's data: it comes as a fresh bytearray so the restored object is writable.
+    """
+    chunks: list[Chunk] = []
+    for index, chunk in enumerate(variable.chunks):
+        if isinstance(chunk, _BlobReference):
+            chunks.append(store.read_blob(chunk.sha256, chunk.size_bytes))
+        else:
+            chunks.append(bytearray(chunk) if index else chunk)
+    return chunks
 
 
 def _record_from_row(row: dict[str, Any]) -> StepRecord:

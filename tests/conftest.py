@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from IPython.core.getipython import get_ipython
+from IPython.testing.globalipapp import start_ipython
+from IPython.utils.capture import capture_output
+
+from durable_nb.store import StepStore
+
+
+@dataclass
+class CellRun:
+    result: Any
+    error: BaseException | None
+    stdout: str
+    stderr: str
+    outputs: list[dict[str, Any]]  # display_data bundles, in order
+
+
+class NotebookSession:
+    """A real IPython shell on a private store: run cells, restart as a kernel restart would."""
+
+    def __init__(self, shell: Any, store_path: Path, workflow: str = "test-workflow") -> None:
+        self.shell = shell
+        self.store_path = store_path
+        self.workflow = workflow
+        self.store = StepStore(store_path)
+
+    def start(self) -> None:
+        self.shell.run_line_magic("load_ext", "durable_nb")
+        self.shell.run_line_magic("durable_workflow", f"{self.workflow} --db {self.store_path}")
+
+    def restart(self) -> None:
+        """A fresh namespace and a clock back at 1, as after a kernel restart."""
+        self.shell.reset(new_session=True)
+        self.start()
+
+    def run(self, cell: str) -> CellRun:
+        with capture_output() as captured:
+            result = self.shell.run_cell(cell, store_history=True)
+        return CellRun(result.result, result.error_in_exec or result.error_before_exec,
+                       captured.stdout, captured.stderr,
+                       [{"data": output.data, "metadata": output.metadata}
+                        for output in captured.outputs])
+
+    def ok(self, cell: str) -> CellRun:
+        run = self.run(cell)
+        if run.error is not None:
+            raise AssertionError(f"cell failed: {run.error!r}\n{run.stdout}\n{run.stderr}")
+        return run
+
+    @property
+    def ns(self) -> dict[str, Any]:
+        return self.shell.user_ns  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Iterator[NotebookSession]:
+    shell = start_ipython() or get_ipython()
+    shell.reset(new_session=True)
+    notebook = NotebookSession(shell, tmp_path / "store.duckdb")
+    notebook.start()
+    yield notebook
+    shell.reset(new_session=True)
+
+
+@pytest.fixture
+def counter(tmp_path: Path) -> Path:
+    """A file that steps append to: its line count is how often they really ran."""
+    path = tmp_path / "runs.txt"
+    path.touch()
+    return path

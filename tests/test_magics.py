@@ -1,0 +1,323 @@
+"""Durable steps on a real IPython shell: execute, replay, failure, state and outputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from durable_nb.executor import DurableWarning
+
+from .conftest import NotebookSession
+
+
+def counted(counter: Path, name: str, body: str) -> str:
+    return (f"%%durable_step {name}\n"
+            f"with open({str(counter)!r}, 'a') as _f: _f.write({name!r} + '\\n')\n{body}")
+
+
+def runs(counter: Path) -> list[str]:
+    return counter.read_text().split()
+
+
+def test_completed_step_replays_after_restart_without_running(session: NotebookSession, counter: Path) -> None:
+    cell = counted(counter, "load", "rows = list(range(5))\nprint('loaded', len(rows))")
+    first = session.ok(cell)
+    session.restart()
+    second = session.ok(cell)
+    assert runs(counter) == ["load"]
+    assert session.ns["rows"] == [0, 1, 2, 3, 4]
+    assert first.stdout == second.stdout == "loaded 5\n"
+
+
+def test_only_unfinished_steps_execute_after_restart(session: NotebookSession, counter: Path) -> None:
+    session.ok(counted(counter, "one", "a = 1"))
+    session.ok(counted(counter, "two", "b = a + 1"))
+    session.restart()
+    session.ok(counted(counter, "one", "a = 1"))
+    session.ok(counted(counter, "two", "b = a + 1"))
+    session.ok(counted(counter, "three", "c = b + 1"))
+    assert runs(counter) == ["one", "two", "three"]
+    assert (session.ns["a"], session.ns["b"], session.ns["c"]) == (1, 2, 3)
+    assert [s.sequence_number for s in session.store.live_steps("test-workflow")] == [1, 2, 3]
+
+
+def test_rerunning_a_completed_step_in_a_live_kernel_replays(session: NotebookSession, counter: Path) -> None:
+    cell = counted(counter, "one", "items = [1]")
+    session.ok(cell)
+    session.ok(counted(counter, "two", "total = sum(items)"))
+    session.ns["items"] = "clobbered"
+    session.ok(cell)
+    assert runs(counter) == ["one", "two"]
+    assert session.ns["items"] == [1]
+
+
+def test_last_expression_is_the_cell_result_and_replays(session: NotebookSession) -> None:
+    first = session.ok("%%durable_step answer\nvalue = 6 * 7\nvalue")
+    assert first.result == 42
+    assert "Out[" in first.stdout and "42" in first.stdout
+    session.restart()
+    second = session.ok("%%durable_step answer\nvalue = 6 * 7\nvalue")
+    assert repr(second.result) == "42"
+    assert second.stdout.split(": ", 1)[1] == first.stdout.split(": ", 1)[1]
+
+
+def test_trailing_semicolon_silences_the_result(session: NotebookSession) -> None:
+    run = session.ok("%%durable_step quiet\nvalue = 1\nvalue;")
+    assert run.result is None
+    assert run.stdout == ""
+    [record] = session.store.live_steps("test-workflow")
+    outputs, _ = session.store.read_step(record)
+    assert outputs == []
+
+
+def test_outputs_of_every_kind_are_recorded_in_order_and_replayed(session: NotebookSession) -> None:
+    cell = """%%durable_step show
+import sys
+from IPython.display import display, update_display
+print("out 1")
+print("err 1", file=sys.stderr)
+display({"text/html": "<b>bold</b>", "text/plain": "bold"}, raw=True, metadata={"text/html": {"isolated": True}})
+display({"image/png": "iVBORw0KGgo=", "text/plain": "<image>"}, raw=True)
+display({"application/json": {"a": [1, 2]}, "text/plain": "{'a': [1, 2]}"}, raw=True)
+display({"text/markdown": "# Title", "text/latex": "$x^2$", "text/plain": "Title"}, raw=True)
+display({"text/plain": "progress 0%"}, raw=True, display_id="bar")
+update_display({"text/plain": "progress 100%"}, raw=True, display_id="bar")
+print("out 2")
+"done"
+"""
+    first = session.ok(cell)
+    [record] = session.store.live_steps("test-workflow")
+    recorded, _ = session.store.read_step(record)
+    kinds = [(o.output["output_type"], o.output.get("name")) for o in recorded]
+    assert kinds == [("stream", "stdout"), ("stream", "stderr")] + [("display_data", None)] * 5 + \
+        [("stream", "stdout"), ("execute_result", None)]
+    assert recorded[2].output["metadata"] == {"text/html": {"isolated": True}}
+    assert recorded[6].output["data"] == {"text/plain": "progress 100%"}
+    assert recorded[4].output["data"]["application/json"] == {"a": [1, 2]}
+
+    session.restart()
+    second = session.ok(cell)
+    assert [o["data"] for o in second.outputs] == [o.output["data"] for o in recorded[2:7]]
+    assert [o["metadata"] for o in second.outputs] == [o.output["metadata"] for o in recorded[2:7]]
+    assert second.stderr == first.stderr == "err 1\n"
+    assert "out 1\nout 2\n" in second.stdout and repr(second.result) == "'done'"
+
+
+def test_clear_output_keeps_only_what_follows(session: NotebookSession) -> None:
+    session.ok("%%durable_step ticker\nfrom IPython.display import clear_output\n"
+               "for i in range(3):\n    clear_output(wait=True)\n    print('tick', i)\n")
+    [record] = session.store.live_steps("test-workflow")
+    outputs, _ = session.store.read_step(record)
+    assert [o.output for o in outputs] == [{"output_type": "stream", "name": "stdout", "text": "tick 2\n"}]
+
+
+def test_failing_step_shows_one_traceback_at_the_users_line_and_is_recorded_failed(
+        session: NotebookSession, counter: Path) -> None:
+    cell = counted(counter, "boom", "x = 1\nraise ValueError('bad input')")
+    run = session.run(cell)
+    assert isinstance(run.error, ValueError)
+    assert run.stdout.count("Traceback") == 1
+    assert "raise ValueError('bad input')" in run.stdout
+    assert "executor.py" not in run.stdout and "cell.py" not in run.stdout
+    [record] = session.store.live_steps("test-workflow")
+    assert record.status == "failed"
+    assert "ValueError: bad input" in (record.error or "")
+    session.restart()
+    assert isinstance(session.run(cell).error, ValueError)
+    assert runs(counter) == ["boom", "boom"]
+
+
+def test_failed_step_executes_again_and_completes_once_fixed(session: NotebookSession, counter: Path) -> None:
+    session.run(counted(counter, "flaky", "1 / 0"))
+    session.restart()
+    session.ok(counted(counter, "flaky", "value = 1"))
+    session.restart()
+    session.ok(counted(counter, "flaky", "value = 1"))
+    assert runs(counter) == ["flaky", "flaky"]
+    [record] = session.store.live_steps("test-workflow")
+    assert (record.status, record.reason) == ("completed", "previous attempt failed")
+
+
+def test_state_of_every_kind_is_restored(session: NotebookSession) -> None:
+    cell = """%%durable_step build
+import numpy as np
+import pandas as pd
+import collections.abc as cabc
+from math import sqrt
+numbers = np.arange(12, dtype=np.float64).reshape(3, 4)
+frame = pd.DataFrame({"a": [1.0, None, 3.0], "b": ["x", "y", "z"]})
+nested = {"k": [1, 2, {"deep": (3, 4)}], "s": {1, 2}}
+def double(v):
+    return 2 * v
+triple = lambda v: 3 * v
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+    def norm(self):
+        return sqrt(self.x ** 2 + self.y ** 2)
+point = Point(3, 4)
+"""
+    session.ok(cell)
+    session.restart()
+    session.ok(cell)
+    ns = session.ns
+    assert ns["numbers"].sum() == 66.0 and ns["numbers"].shape == (3, 4)
+    ns["numbers"][0, 0] = 5  # restored arrays are writable
+    assert ns["frame"]["a"].isna().sum() == 1 and list(ns["frame"]["b"]) == ["x", "y", "z"]
+    assert ns["nested"] == {"k": [1, 2, {"deep": (3, 4)}], "s": {1, 2}}
+    assert ns["double"](4) == 8 and ns["triple"](4) == 12
+    assert ns["point"].norm() == 5.0 and type(ns["point"]) is ns["Point"]
+    assert ns["np"].__name__ == "numpy" and ns["pd"].__name__ == "pandas"
+    assert ns["cabc"].__name__ == "collections.abc" and ns["sqrt"](9) == 3.0
+
+
+def test_in_place_mutations_are_recorded(session: NotebookSession) -> None:
+    session.ok("import pandas as pd\nitems = [1]\nconfig = {}\nframe = pd.DataFrame({'a': [1.0, None]})\n"
+               "class Box: pass\nbox = Box()\nlog = []\ndef remember(v):\n    log.append(v)\n")
+    cell = ("%%durable_step mutate\nitems.append(2)\nconfig['k'] = 'v'\n"
+            "frame.dropna(inplace=True)\nbox.attr = 7\nremember('seen')\n")
+    session.ok(cell)
+    [record] = session.store.live_steps("test-workflow")
+    _, variables = session.store.read_step(record)
+    assert {v.name for v in variables} == {"items", "config", "frame", "box", "log"}
+    session.restart()
+    session.ok("import pandas as pd\nitems = [1]\nconfig = {}\nframe = pd.DataFrame({'a': [1.0, None]})\n"
+               "class Box: pass\nbox = Box()\nlog = []\ndef remember(v):\n    log.append(v)\n")
+    session.ok(cell)
+    ns = session.ns
+    assert ns["items"] == [1, 2] and ns["config"] == {"k": "v"} and len(ns["frame"]) == 1
+    assert ns["box"].attr == 7 and ns["log"] == ["seen"]
+
+
+def test_unchanged_inputs_are_not_recorded(session: NotebookSession) -> None:
+    session.ok("big = list(range(1000))")
+    session.ok("%%durable_step read\ntotal = sum(big)")
+    [record] = session.store.live_steps("test-workflow")
+    _, variables = session.store.read_step(record)
+    assert [v.name for v in variables] == ["total"]
+
+
+def test_deleted_variable_is_deleted_on_replay(session: NotebookSession) -> None:
+    session.ok("scratch = 1")
+    session.ok("%%durable_step tidy\ndel scratch\nkept = 2")
+    session.restart()
+    session.ok("scratch = 1")
+    session.ok("%%durable_step tidy\ndel scratch\nkept = 2")
+    assert "scratch" not in session.ns and session.ns["kept"] == 2
+
+
+def test_unpicklable_value_warns_by_name_and_the_step_is_still_recorded(
+        session: NotebookSession, counter: Path, tmp_path: Path) -> None:
+    cell = counted(counter, "files", f"handle = open({str(tmp_path / 'data.txt')!r}, 'w')\nrows = [1, 2]")
+    with pytest.warns(DurableWarning, match=r"'handle'.*--exclude"):
+        session.ok(cell)
+    [record] = session.store.live_steps("test-workflow")
+    assert record.status == "completed" and list(record.unrestorable) == ["handle"]
+    session.ns["handle"].close()
+    session.restart()
+    with pytest.warns(DurableWarning, match=r"replayed without 'handle'"):
+        session.ok(cell)
+    assert runs(counter) == ["files"] and session.ns["rows"] == [1, 2]
+    assert "handle" not in session.ns
+
+
+def test_exclude_leaves_a_variable_out_without_warning(session: NotebookSession, tmp_path: Path) -> None:
+    cell = (f"%%durable_step files --exclude handle\nhandle = open({str(tmp_path / 'd.txt')!r}, 'w')\n"
+            "rows = [1]\nhandle.close()")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DurableWarning)
+        session.ok(cell)
+    [record] = session.store.live_steps("test-workflow")
+    _, variables = session.store.read_step(record)
+    assert [v.name for v in variables] == ["rows"]
+
+
+def test_vars_records_exactly_the_named_variables(session: NotebookSession) -> None:
+    session.ok("%%durable_step pick --vars keep\nkeep = 1\ndrop = 2")
+    session.restart()
+    session.ok("%%durable_step pick --vars keep\nkeep = 1\ndrop = 2")
+    assert session.ns["keep"] == 1 and "drop" not in session.ns
+
+
+def test_code_change_executes_and_records_over_its_own_row(session: NotebookSession, counter: Path) -> None:
+    session.ok(counted(counter, "calc", "v = 1"))
+    session.restart()
+    session.ok(counted(counter, "calc", "v = 2"))
+    assert runs(counter) == ["calc", "calc"] and session.ns["v"] == 2
+    records = session.store.all_steps("test-workflow")
+    assert len(records) == 1 and records[0].reason == "code changed"
+
+
+def test_whitespace_at_line_ends_does_not_change_the_code_fingerprint(session: NotebookSession, counter: Path) -> None:
+    session.ok(counted(counter, "calc", "v = 1"))
+    session.restart()
+    session.ok(counted(counter, "calc", "v = 1   \n\n"))
+    assert runs(counter) == ["calc"]
+
+
+def test_new_step_at_an_occupied_position_supersedes_the_rest_of_the_history(
+        session: NotebookSession, counter: Path) -> None:
+    session.ok(counted(counter, "a", "x = 1"))
+    session.ok(counted(counter, "b", "y = 2"))
+    session.ok(counted(counter, "c", "z = 3"))
+    session.restart()
+    session.ok(counted(counter, "a", "x = 1"))
+    session.ok(counted(counter, "inserted", "w = 0"))
+    session.ok(counted(counter, "b", "y = 2"))
+    session.ok(counted(counter, "c", "z = 3"))
+    assert runs(counter) == ["a", "b", "c", "a", "inserted", "b", "c"][:3] + ["inserted", "b", "c"]
+    live = session.store.live_steps("test-workflow")
+    assert [(s.sequence_number, s.step_name) for s in live] == [(1, "a"), (2, "inserted"), (3, "b"), (4, "c")]
+    superseded = [s for s in session.store.all_steps("test-workflow") if s.superseded_at is not None]
+    assert sorted(s.step_name for s in superseded) == ["b", "c"]
+    assert live[1].reason == "history diverged: position 2 held step 'b'"
+
+
+def test_running_a_later_step_first_after_restart_replays_it(session: NotebookSession, counter: Path) -> None:
+    session.ok(counted(counter, "a", "x = 1"))
+    session.ok(counted(counter, "b", "y = 2"))
+    session.restart()
+    session.ok(counted(counter, "b", "y = 2"))
+    assert runs(counter) == ["a", "b"] and session.ns["y"] == 2
+
+
+def test_step_without_a_workflow_name_fails_with_advice(session: NotebookSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DURABLE_NB_WORKFLOW", raising=False)
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    magics = session.shell.magics_manager.registry["DurableMagics"]
+    magics.executor.set_workflow(None, str(session.store_path))
+    run = session.run("%%durable_step a\nx = 1")
+    assert "%durable_workflow NAME" in str(run.error)
+    assert "x" not in session.ns
+
+
+def test_workflow_name_comes_from_the_environment(session: NotebookSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DURABLE_NB_WORKFLOW", "from-env")
+    magics = session.shell.magics_manager.registry["DurableMagics"]
+    magics.executor.set_workflow(None, str(session.store_path))
+    session.ok("%%durable_step a\nx = 1")
+    assert [s.step_name for s in session.store.live_steps("from-env")] == ["a"]
+
+
+def test_empty_step_is_a_usage_error(session: NotebookSession) -> None:
+    run = session.run("%%durable_step nothing\n\n")
+    assert "the cell is empty" in run.stdout + run.stderr + str(run.error)
+
+
+def test_ipython_syntax_in_a_step_runs(session: NotebookSession) -> None:
+    session.ok("%%durable_step shelly\nlisting = !echo hi\n%time z = 1")
+    assert list(session.ns["listing"]) == ["hi"] and session.ns["z"] == 1
+
+
+def test_kernel_holds_no_lock_between_steps(session: NotebookSession) -> None:
+    session.ok("%%durable_step a\nx = 1")
+    probe = ("import duckdb, sys; c = duckdb.connect(sys.argv[1]); "
+             "print(c.execute('select count(*) from steps').fetchone()[0])")
+    result = subprocess.run([sys.executable, "-c", probe, str(session.store_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
