@@ -179,7 +179,7 @@ def test_in_place_mutations_are_recorded(session: NotebookSession) -> None:
     session.ok("import pandas as pd\nitems = [1]\nconfig = {}\nframe = pd.DataFrame({'a': [1.0, None]})\n"
                "class Box: pass\nbox = Box()\nlog = []\ndef remember(v):\n    log.append(v)\n")
     cell = ("%%durable_step mutate\nitems.append(2)\nconfig['k'] = 'v'\n"
-            "frame.dropna(inplace=True)\nbox.attr = 7\nremember('seen')\n")
+            "frame.loc[len(frame)] = [5.0]\nbox.attr = 7\nremember('seen')\n")
     session.ok(cell)
     [record] = session.store.live_steps("test-workflow")
     _, variables = session.store.read_step(record)
@@ -189,7 +189,7 @@ def test_in_place_mutations_are_recorded(session: NotebookSession) -> None:
                "class Box: pass\nbox = Box()\nlog = []\ndef remember(v):\n    log.append(v)\n")
     session.ok(cell)
     ns = session.ns
-    assert ns["items"] == [1, 2] and ns["config"] == {"k": "v"} and len(ns["frame"]) == 1
+    assert ns["items"] == [1, 2] and ns["config"] == {"k": "v"} and len(ns["frame"]) == 3
     assert ns["box"].attr == 7 and ns["log"] == ["seen"]
 
 

@@ -1,0 +1,150 @@
+"""The step store and database layer on real DuckDB files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from durable_nb import Workflow
+from durable_nb.errors import StoreCorruptError, StoreLockedError, StoreVersionError
+from durable_nb.state import decode, encode
+from durable_nb.store import StepRecord, StepStore, StoredOutput, load_chunks
+
+
+def record(sequence_number: int, name: str, status: str = "completed") -> StepRecord:
+    now = datetime(2026, 1, 1)
+    return StepRecord("wf", sequence_number, name, status, "fp", "code", "new step", now, now, 0.5)
+
+
+def test_recorded_step_reads_back_with_outputs_and_variables(tmp_path: Path) -> None:
+    store = StepStore(tmp_path / "s.duckdb")
+    variable = encode("v", {"a": [1, 2]})
+    stored = store.record_step(record(1, "one"), [StoredOutput({"output_type": "stream", "name": "stdout", "text": "hi\n"})],
+                               [variable])  # type: ignore[list-item]
+    [live] = store.live_steps("wf")
+    assert live == stored and live.revision == 1
+    outputs, variables = store.read_step(live)
+    assert outputs[0].output["text"] == "hi\n"
+    assert decode(variables[0], load_chunks(store, variables[0])) == {"a": [1, 2]}
+
+
+def test_large_chunks_go_to_payload_files_and_small_ones_inline(tmp_path: Path) -> None:
+    store = StepStore(tmp_path / "s.duckdb", inline_limit=1024)
+    big = encode("big", np.arange(100_000, dtype=np.float64))
+    small = encode("small", np.arange(10))
+    store.record_step(record(1, "one"), [], [big, small])  # type: ignore[list-item]
+    files = [f for _, _, fs in os.walk(store.blob_dir) for f in fs]
+    assert len(files) == 1 and os.path.getsize(store.blob_path(files[0])) == 800_000
+    _, variables = store.read_step(store.live_steps("wf")[0])
+    values = {v.name: decode(v, load_chunks(store, v)) for v in variables}
+    assert values["big"].sum() == np.arange(100_000).sum() and values["small"].tolist() == list(range(10))
+
+
+def test_gc_removes_only_unreferenced_payload_files(tmp_path: Path) -> None:
+    store = StepStore(tmp_path / "s.duckdb", inline_limit=1024)
+    store.record_step(record(1, "one"), [], [encode("a", np.ones(1000))])  # type: ignore[list-item]
+    store.record_step(record(2, "two"), [], [encode("b", np.zeros(1000))])  # type: ignore[list-item]
+    store.delete_steps("wf", from_sequence_number=2)
+    assert store.gc(grace_seconds=3600) == 0  # too young: may belong to a commit in flight
+    assert store.gc(grace_seconds=0) == 1
+    _, [variable] = store.read_step(store.live_steps("wf")[0])
+    assert decode(variable, load_chunks(store, variable)).sum() == 1000
+
+
+def test_superseding_keeps_old_rows_out_of_the_live_history(tmp_path: Path) -> None:
+    store = StepStore(tmp_path / "s.duckdb")
+    for position, name in enumerate(["a", "b", "c"], start=1):
+        store.record_step(record(position, name), [], [])
+    store.record_step(record(2, "new"), [], [], supersede_from=2)
+    assert [(s.sequence_number, s.step_name) for s in store.live_steps("wf")] == [(1, "a"), (2, "new")]
+    old = [(s.step_name, s.revision) for s in store.all_steps("wf") if s.superseded_at]
+    assert old == [("b", 1), ("c", 1)]
+    [new] = [s for s in store.all_steps("wf") if s.step_name == "new"]
+    assert new.revision == 2
+
+
+def test_locked_store_waits_then_fails_naming_the_file_and_holder(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    StepStore(path).record_step(record(1, "one"), [], [])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+         "print('locked', flush=True); time.sleep(60)", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        with pytest.raises(StoreLockedError) as caught:
+            StepStore(path, lock_timeout=0.5).live_steps("wf")
+        assert time.monotonic() - started >= 0.5
+        assert str(path) in str(caught.value) and f"PID {holder.pid}" in str(caught.value)
+        assert "Nothing recorded was lost" in str(caught.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [s.step_name for s in StepStore(path).live_steps("wf")] == ["one"]
+
+
+def test_lock_released_within_the_timeout_is_waited_for(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    StepStore(path).record_step(record(1, "one"), [], [])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+         "print('locked', flush=True); time.sleep(1.0); c.close(); time.sleep(30)", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert [s.step_name for s in StepStore(path, lock_timeout=20).live_steps("wf")] == ["one"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_file_that_is_not_a_database_is_reported_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    path.write_bytes(b"not a database" * 1000)
+    with pytest.raises(StoreCorruptError, match="Move the file aside"):
+        StepStore(path).live_steps("wf")
+    assert path.read_bytes() == b"not a database" * 1000
+
+
+def test_foreign_duckdb_file_is_not_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "other.duckdb"
+    with duckdb.connect(str(path)) as connection:
+        connection.execute("CREATE TABLE sales (amount INTEGER)")
+    with pytest.raises(StoreCorruptError, match="sales"):
+        StepStore(path).live_steps("wf")
+
+
+def test_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    StepStore(path).record_step(record(1, "one"), [], [])
+    with duckdb.connect(str(path)) as connection:
+        connection.execute("UPDATE durable_nb_meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(StoreVersionError, match="schema version 99.*Upgrade durable_nb"):
+        StepStore(path).live_steps("wf")
+
+
+def test_locked_store_stops_a_step_before_it_runs_and_keeps_the_history(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    flow = Workflow("wf", db=path, lock_timeout=0.2)
+    flow.run_cell("warm", "x = 1")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+         "print('locked', flush=True); time.sleep(60)", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreLockedError):
+            flow.run_cell("boom", "raise KeyError('mine')")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [s.step_name for s in flow.steps()] == ["warm"]
