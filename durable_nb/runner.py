@@ -1,0 +1,171 @@
+"""Run a notebook headless, and when its kernel dies, run it again in a fresh kernel.
+
+Completed steps replay on each new attempt, so a notebook that crashes part way
+finishes after a restart without paying again for what it already did. One class owns
+the kernels' life; it reports progress through a callback so the CLI decides how to show it.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import DurableError
+from .executor import DEFAULT_STORE_FILENAME
+from .store import COMPLETED, StepStore, utc_now
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    attempt: int
+    cell_index: int
+    step_name: str
+    outcome: str  # executed | replayed | failed | crashed
+    seconds: float
+    saved_seconds: float = 0.0
+
+
+@dataclass
+class RunResult:
+    notebook: Any
+    attempts: int
+    events: list[StepEvent] = field(default_factory=list)
+
+
+class NotebookFailedError(DurableError):
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {reason}")
+
+
+def step_name_of(source: str) -> str | None:
+    """The step name of a `%%durable_step NAME` cell, else None."""
+    first_line = source.lstrip().split("\n", 1)[0]
+    if not first_line.startswith("%%durable_step"):
+        return None
+    words = shlex.split(first_line)
+    return words[1] if len(words) > 1 else None
+
+
+def declared_workflow(notebook: Any) -> tuple[str | None, str | None]:
+    """The NAME and --db of a `%durable_workflow` line in the notebook, if it has one."""
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        for line in cell.source.splitlines():
+            words = shlex.split(line.strip()) if line.strip().startswith("%durable_workflow") else []
+            if len(words) >= 2:
+                db = words[words.index("--db") + 1] if "--db" in words[:-1] else None
+                return words[1], db
+    return None, None
+
+
+class NotebookRunner:
+    def __init__(self, path: str | os.PathLike[str], *, workflow: str | None = None,
+                 db: str | None = None, max_restarts: int = 3, cell_timeout: int | None = None,
+                 kernel_name: str = "python3",
+                 on_event: Callable[[str, StepEvent | None], None] | None = None) -> None:
+        import nbformat
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise NotebookFailedError(str(path), "no such notebook file.")
+        try:
+            self.notebook = nbformat.read(self.path, as_version=4)
+        except Exception as exc:
+            raise NotebookFailedError(str(path), f"not a readable notebook ({exc}).") from exc
+        self.working_directory = self.path.resolve().parent
+        declared_name, declared_db = declared_workflow(self.notebook)
+        self.workflow = declared_name or workflow or self.path.name
+        store_path = declared_db or db or DEFAULT_STORE_FILENAME
+        self.store_path = str(self.working_directory / store_path)
+        self.environment = {**os.environ, "DURABLE_NB_WORKFLOW": workflow or self.path.name,
+                            "DURABLE_NB_DB": str(Path(db).resolve()) if db else self.store_path}
+        self.max_restarts = max_restarts
+        self.cell_timeout = cell_timeout
+        self.kernel_name = kernel_name
+        self.on_event = on_event or (lambda message, event: None)
+
+    def run(self) -> RunResult:
+        import nbformat
+        from nbclient import NotebookClient
+        from nbclient.exceptions import CellExecutionError, DeadKernelError
+
+        result = RunResult(self.notebook, 0)
+        for attempt in range(1, self.max_restarts + 2):
+            result.attempts = attempt
+            notebook = nbformat.from_dict(self.notebook)
+            attempt_started = utc_now()
+            starts: dict[int, float] = {}
+            self.on_event(f"attempt {attempt}: running {self.path.name} in a fresh kernel", None)
+
+            def cell_start(cell: Any, cell_index: int, **_: Any) -> None:
+                starts[cell_index] = time.perf_counter()
+
+            def cell_executed(cell: Any, cell_index: int, execute_reply: Any, **_: Any) -> None:
+                name = step_name_of(cell.source)
+                if name is None:
+                    return
+                event = self._step_event(attempt, cell_index, name, attempt_started,
+                                         time.perf_counter() - starts.get(cell_index, time.perf_counter()),
+                                         execute_reply)
+                result.events.append(event)
+                self.on_event("", event)
+
+            client = NotebookClient(
+                notebook, timeout=self.cell_timeout, kernel_name=self.kernel_name,
+                resources={"metadata": {"path": str(self.working_directory)}},
+                on_cell_start=cell_start, on_cell_executed=cell_executed)
+            client.km = client.create_kernel_manager()
+            if client.km.has_trait("transport_encryption"):
+                # Encrypted when the kernel supports it (ipykernel 7 warns on plain TCP).
+                client.km.transport_encryption = "auto"
+            try:
+                client.execute(env=self.environment)
+            except DeadKernelError:
+                crashed_at = _running_cell(notebook, starts)
+                self.on_event(f"kernel died in cell {crashed_at}"
+                              + _step_label(notebook.cells[crashed_at].source), None)
+                if attempt > self.max_restarts:
+                    raise NotebookFailedError(
+                        str(self.path), f"the kernel died {attempt} times (last in cell "
+                        f"{crashed_at}); gave up after {self.max_restarts} restarts. Completed "
+                        "steps are recorded: run again to resume, or raise --max-restarts.")
+                continue
+            except CellExecutionError as exc:
+                raise NotebookFailedError(
+                    str(self.path), f"a cell raised an error, so the run stops here (a restart "
+                    f"would not fix it):\n{exc}") from exc
+            result.notebook = notebook
+            return result
+        raise AssertionError("unreachable")
+
+    def _step_event(self, attempt: int, cell_index: int, name: str, attempt_started: Any,
+                    seconds: float, execute_reply: Any) -> StepEvent:
+        if execute_reply.get("content", {}).get("status") != "ok":
+            return StepEvent(attempt, cell_index, name, "failed", seconds)
+        try:
+            records = {record.step_name: record
+                       for record in StepStore(self.store_path).live_steps(self.workflow)}
+        except DurableError:
+            records = {}
+        record = records.get(name)
+        if record is None or record.status != COMPLETED:
+            return StepEvent(attempt, cell_index, name, "executed", seconds)
+        if record.finished_at >= attempt_started:
+            return StepEvent(attempt, cell_index, name, "executed", seconds)
+        return StepEvent(attempt, cell_index, name, "replayed", seconds,
+                         saved_seconds=max(record.duration_seconds - seconds, 0.0))
+
+
+def _step_label(source: str) -> str:
+    name = step_name_of(source)
+    return f" (step {name})" if name else ""
+
+
+def _running_cell(notebook: Any, starts: dict[int, float]) -> int:
+    return max(starts) if starts else 0
