@@ -321,3 +321,34 @@ def test_kernel_holds_no_lock_between_steps(session: NotebookSession) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize("kind, make", [
+    ("socket", "import socket\nresource = socket.socket()"),
+    ("generator", "resource = (i for i in range(3))"),
+    ("lock", "import threading\nresource = threading.Lock()"),
+])
+def test_unstorable_kinds_never_fail_the_step(session: NotebookSession, kind: str, make: str) -> None:
+    with pytest.warns(DurableWarning, match="'resource'"):
+        session.ok(f"%%durable_step make\n{make}\nplain = {kind!r}")
+    session.restart()
+    with pytest.warns(DurableWarning, match="replayed without 'resource'"):
+        session.ok(f"%%durable_step make\n{make}\nplain = {kind!r}")
+    assert session.ns["plain"] == kind
+
+
+def test_decisions_are_logged_at_info(session: NotebookSession, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="durable_nb")
+    session.ok("%%durable_step a\nx = 1")
+    session.restart()
+    session.ok("%%durable_step a\nx = 1")
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("Executing step 'a' (#1): new step") for m in messages)
+    assert any(m.startswith("Replayed step 'a' (#1)") for m in messages)
+
+
+def test_unload_removes_the_magics(session: NotebookSession) -> None:
+    session.shell.run_line_magic("unload_ext", "durable_nb")
+    assert "durable_step" not in session.shell.magics_manager.magics["cell"]
+    session.start()
+    assert "durable_step" in session.shell.magics_manager.magics["cell"]
