@@ -102,6 +102,23 @@ class Database:
     def __repr__(self) -> str:
         return f"Database({self.path!r})"
 
+    def file_state(self) -> tuple[tuple[int, int, int, int] | None, ...]:
+        """Identity, size and times of the file and its WAL: any commit by anyone changes it.
+
+        Reading does not touch either file, so an unchanged state means unchanged contents
+        and lets callers keep what they read without opening a connection (which costs
+        ~11 ms in duckdb 2.0: it builds the function catalog each time).
+        """
+        states = []
+        for path in (self.path, self.path + ".wal"):
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                states.append(None)
+            else:
+                states.append((stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+        return tuple(states)
+
     @contextmanager
     def connect(self) -> Iterator[Connection]:
         """A connection with the schema in place, closed (and the file lock released) on exit."""

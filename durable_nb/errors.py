@@ -58,13 +58,3 @@ class StoreVersionError(StoreError):
             f"this version reads schema {supported} and older. Upgrade durable_nb "
             "(pip install -U durable_nb), or use another store with --db.",
         )
-
-
-class PayloadMissingError(StoreError):
-    def __init__(self, path: str, step_name: str, variable_name: str, blob: str) -> None:
-        super().__init__(
-            path,
-            f"The stored value of {variable_name!r} in step {step_name!r} refers to the payload "
-            f"file {blob!r}, which is missing or damaged. The step will execute again; "
-            "to stop seeing this, reset the step.",
-        )

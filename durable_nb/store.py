@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import tempfile
 import time
@@ -95,6 +96,7 @@ class StepStore:
                  lock_timeout: float | None = None) -> None:
         self.database = Database(path, lock_timeout=lock_timeout)
         self.inline_limit = inline_limit
+        self._snapshots: dict[str, _Snapshot] = {}
 
     @property
     def path(self) -> str:
@@ -111,8 +113,7 @@ class StepStore:
 
     def live_steps(self, workflow_id: str) -> list[StepRecord]:
         """The workflow's current history, one record per position, in clock order."""
-        with self.database.connect() as connection:
-            return self._live_steps_txn(connection, workflow_id)
+        return list(self._snapshot(workflow_id).history)
 
     def all_steps(self, workflow_id: str) -> list[StepRecord]:
         """Every record, superseded ones included, by position then revision."""
@@ -121,12 +122,15 @@ class StepStore:
                                "ORDER BY sequence_number, revision", [workflow_id])
         return [_record_from_row(row) for row in rows]
 
-    def read_outputs(self, record: StepRecord) -> list[StoredOutput]:
-        with self.database.connect() as connection:
-            return self._read_outputs_txn(connection, record)
-
     def read_step(self, record: StepRecord) -> tuple[list[StoredOutput], list[StoredVariable]]:
-        """A recorded step's outputs and its state, in one connection."""
+        """A recorded step's outputs and its state (payload files are read by `load_chunks`)."""
+        key = (record.sequence_number, record.revision)
+        snapshot = self._snapshots.get(record.workflow_id)
+        if snapshot is not None and snapshot.token == self.database.file_state() \
+                and key in snapshot.outputs:
+            # Each step replays once per run: drop it so the cache does not hold outputs
+            # (images, tables) longer than needed.
+            return snapshot.outputs.pop(key), snapshot.variables.pop(key, [])
         with self.database.connect() as connection:
             outputs = self._read_outputs_txn(connection, record)
             variables = self._read_variables_txn(connection, record)
@@ -139,6 +143,22 @@ class StepStore:
                 "sum(state_bytes), max(finished_at) FROM steps WHERE superseded_at IS NULL "
                 "GROUP BY workflow_id ORDER BY workflow_id").fetchall()
         return [WorkflowSummary(*row) for row in rows]
+
+    def _snapshot(self, workflow_id: str) -> _Snapshot:
+        """The workflow's live history with the outputs and inline state of its completed
+        steps, read in one connection and kept while the store files are unchanged: a run
+        of replays then costs no connection at all."""
+        token = self.database.file_state()
+        snapshot = self._snapshots.get(workflow_id)
+        if snapshot is not None and snapshot.token == token:
+            return snapshot
+        with self.database.connect() as connection:
+            snapshot = self._read_snapshot_txn(connection, workflow_id)
+        after = self.database.file_state()
+        # Keep it only if nobody committed while we read (then it describes `after`).
+        if after == token or token[0] is None:
+            self._snapshots[workflow_id] = replace(snapshot, token=after)
+        return snapshot
 
     # -- writing -----------------------------------------------------------------------
 
@@ -155,12 +175,14 @@ class StepStore:
             for variable in variables
             for index, (chunk_size, inline, blob) in enumerate(self._place_chunks(variable.chunks))
         ]
+        self._snapshots.clear()
         with self.database.transaction() as connection:
             return self._record_step_txn(connection, record, outputs, variables, chunk_rows,
                                          supersede_from)
 
     def delete_steps(self, workflow_id: str, from_sequence_number: int = 1) -> int:
         """Forget a workflow's steps from a position on (all revisions); returns how many."""
+        self._snapshots.clear()
         with self.database.transaction() as connection:
             return self._delete_txn(connection, workflow_id, from_sequence_number)
 
@@ -187,18 +209,19 @@ class StepStore:
     def blob_path(self, sha256: str) -> str:
         return os.path.join(self.blob_dir, sha256[:2], sha256)
 
-    def read_blob(self, sha256: str, size_bytes: int) -> bytearray:
-        """A payload file's bytes in a fresh writable buffer (one copy, no re-hashing)."""
-        buffer = bytearray(size_bytes)
-        with open(self.blob_path(sha256), "rb", buffering=0) as handle:
-            view = memoryview(buffer)
-            read = 0
-            while read < size_bytes:
-                count = handle.readinto(view[read:])
-                if not count:
-                    raise OSError(f"payload file {sha256} is shorter than the {size_bytes} bytes recorded")
-                read += count
-        return buffer
+    def map_blob(self, sha256: str, size_bytes: int) -> mmap.mmap:
+        """A payload file mapped copy-on-write.
+
+        Restoring costs no read and no copy: pages come from the page cache when first
+        touched, and writes to them stay private to this process. Safe because payload
+        files are never changed in place (written once, renamed into place, only unlinked
+        by gc, and an unlinked file stays valid while mapped).
+        """
+        with open(self.blob_path(sha256), "rb") as handle:
+            found = os.fstat(handle.fileno()).st_size
+            if found != size_bytes:
+                raise OSError(f"payload file {sha256} has {found} bytes, {size_bytes} recorded")
+            return mmap.mmap(handle.fileno(), size_bytes, access=mmap.ACCESS_COPY)
 
     def _place_chunks(self, chunks: Iterable[Chunk]) -> list[tuple[int, bytes | None, str | None]]:
         placed: list[tuple[int, bytes | None, str | None]] = []
@@ -238,6 +261,35 @@ class StepStore:
         rows = fetch_dicts(connection, "SELECT * FROM steps WHERE workflow_id = ? AND "
                            "superseded_at IS NULL ORDER BY sequence_number", [workflow_id])
         return [_record_from_row(row) for row in rows]
+
+    def _read_snapshot_txn(self, connection: Connection, workflow_id: str) -> _Snapshot:
+        history = self._live_steps_txn(connection, workflow_id)
+        live_completed = ("FROM steps s JOIN {table} t USING (workflow_id, sequence_number, revision) "
+                          "WHERE s.workflow_id = ? AND s.superseded_at IS NULL AND s.status = 'completed'")
+        outputs: dict[tuple[int, int], list[StoredOutput]] = {
+            (record.sequence_number, record.revision): []
+            for record in history if record.status == COMPLETED}
+        for sequence_number, revision, output, transient in connection.execute(
+                "SELECT t.sequence_number, t.revision, t.output_json, t.transient_json "
+                + live_completed.format(table="step_outputs") + " ORDER BY t.sequence_number, t.output_index",
+                [workflow_id]).fetchall():
+            outputs[(sequence_number, revision)].append(
+                StoredOutput(json.loads(output), json.loads(transient) if transient else None))
+        chunks: dict[tuple[int, int, str], list[Chunk]] = {}
+        for sequence_number, revision, name, size_bytes, data, blob in connection.execute(
+                "SELECT t.sequence_number, t.revision, t.variable_name, t.size_bytes, t.data, "
+                "t.blob_sha256 " + live_completed.format(table="variable_chunks")
+                + " ORDER BY t.sequence_number, t.variable_name, t.chunk_index", [workflow_id]).fetchall():
+            chunks.setdefault((sequence_number, revision, name), []).append(
+                data if blob is None else _BlobReference(blob, size_bytes))  # type: ignore[arg-type]
+        variables: dict[tuple[int, int], list[StoredVariable]] = {}
+        for sequence_number, revision, name, codec, kind in connection.execute(
+                "SELECT t.sequence_number, t.revision, t.variable_name, t.codec, t.type_name "
+                + live_completed.format(table="step_variables") + " ORDER BY t.sequence_number, "
+                "t.variable_name", [workflow_id]).fetchall():
+            variables.setdefault((sequence_number, revision), []).append(StoredVariable(
+                name, codec, kind, tuple(chunks.get((sequence_number, revision, name), ()))))
+        return _Snapshot(None, tuple(history), outputs, variables)
 
     @staticmethod
     def _read_outputs_txn(connection: Connection, record: StepRecord) -> list[StoredOutput]:
@@ -326,6 +378,14 @@ class StepStore:
 
 
 @dataclass(frozen=True)
+class _Snapshot:
+    token: Any
+    history: tuple[StepRecord, ...]
+    outputs: dict[tuple[int, int], list[StoredOutput]]
+    variables: dict[tuple[int, int], list[StoredVariable]]
+
+
+@dataclass(frozen=True)
 class _BlobReference:
     """A chunk that lives in a payload file; `load_chunks` reads it."""
 
@@ -342,7 +402,7 @@ def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
     chunks: list[Chunk] = []
     for index, chunk in enumerate(variable.chunks):
         if isinstance(chunk, _BlobReference):
-            chunks.append(store.read_blob(chunk.sha256, chunk.size_bytes))
+            chunks.append(store.map_blob(chunk.sha256, chunk.size_bytes))  # type: ignore[arg-type]
         else:
             chunks.append(bytearray(chunk) if index else chunk)
     return chunks

@@ -352,3 +352,14 @@ def test_unload_removes_the_magics(session: NotebookSession) -> None:
     assert "durable_step" not in session.shell.magics_manager.magics["cell"]
     session.start()
     assert "durable_step" in session.shell.magics_manager.magics["cell"]
+
+
+def test_missing_payload_file_makes_the_step_execute_instead(session: NotebookSession, counter: Path) -> None:
+    import shutil
+    cell = counted(counter, "big", "import numpy as np\narray = np.arange(200_000.0)")
+    session.ok(cell)
+    shutil.rmtree(str(session.store_path) + ".blobs")
+    session.restart()
+    with pytest.warns(DurableWarning, match=r"Cannot restore 'array' of step 'big'.*executes instead"):
+        session.ok(cell)
+    assert runs(counter) == ["big", "big"] and session.ns["array"][-1] == 199_999.0

@@ -148,3 +148,24 @@ def test_locked_store_stops_a_step_before_it_runs_and_keeps_the_history(tmp_path
         holder.kill()
         holder.wait()
     assert [s.step_name for s in flow.steps()] == ["warm"]
+
+
+def test_cached_history_sees_commits_from_another_store_handle(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    reader, writer = StepStore(path), StepStore(path)
+    writer.record_step(record(1, "one"), [], [])
+    assert [s.step_name for s in reader.live_steps("wf")] == ["one"]
+    writer.record_step(record(2, "two"), [], [])
+    assert [s.step_name for s in reader.live_steps("wf")] == ["one", "two"]
+    writer.delete_steps("wf")
+    assert reader.live_steps("wf") == []
+
+
+def test_restored_payload_is_writable_and_private(tmp_path: Path) -> None:
+    store = StepStore(tmp_path / "s.duckdb", inline_limit=1024)
+    store.record_step(record(1, "one"), [], [encode("a", np.arange(10_000.0))])  # type: ignore[list-item]
+    _, [variable] = store.read_step(store.live_steps("wf")[0])
+    first = decode(variable, load_chunks(store, variable))
+    first[:] = -1
+    second = decode(variable, load_chunks(store, variable))
+    assert second[5] == 5.0 and first[5] == -1.0
