@@ -36,7 +36,7 @@ DELETED = "deleted"
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), range, types.ModuleType,
               types.FunctionType, types.BuiltinFunctionType, type, frozenset)
 # IPython's output cache and input history: never state.
-_IPYTHON_CACHE = re.compile(r"^_(|_|__|i|ii|iii|\d+|i\d+|oh|ih|dh)$")
+_IPYTHON_CACHE = re.compile(r"^_(|_|__|i|ii|iii|\d+|i\d+|oh|ih|dh|exit_code)$")
 
 
 @dataclass(frozen=True)
