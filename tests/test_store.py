@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 import duckdb
 import numpy as np
@@ -22,6 +24,22 @@ from durable_nb.store import StepRecord, StepStore, StoredOutput, load_chunks
 def record(sequence_number: int, name: str, status: str = "completed") -> StepRecord:
     now = datetime(2026, 1, 1)
     return StepRecord("wf", sequence_number, name, status, "fp", "code", "new step", now, now, 0.5)
+
+
+@contextmanager
+def lock_held_by_another_process(path: Path, release_after: float | None = None) -> Iterator[int]:
+    """A real second process holding the store open (DuckDB's file lock); yields its pid."""
+    release = f"time.sleep({release_after}); c.close(); " if release_after is not None else ""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+         f"print('locked', flush=True); {release}time.sleep(60)", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_recorded_step_reads_back_with_outputs_and_variables(tmp_path: Path) -> None:
@@ -74,37 +92,21 @@ def test_superseding_keeps_old_rows_out_of_the_live_history(tmp_path: Path) -> N
 def test_locked_store_waits_then_fails_naming_the_file_and_holder(tmp_path: Path) -> None:
     path = tmp_path / "s.duckdb"
     StepStore(path).record_step(record(1, "one"), [], [])
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
-         "print('locked', flush=True); time.sleep(60)", str(path)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(path) as pid:
         started = time.monotonic()
         with pytest.raises(StoreLockedError) as caught:
             StepStore(path, lock_timeout=0.5).live_steps("wf")
         assert time.monotonic() - started >= 0.5
-        assert str(path) in str(caught.value) and f"PID {holder.pid}" in str(caught.value)
+        assert str(path) in str(caught.value) and f"PID {pid}" in str(caught.value)
         assert "Nothing recorded was lost" in str(caught.value)
-    finally:
-        holder.kill()
-        holder.wait()
     assert [s.step_name for s in StepStore(path).live_steps("wf")] == ["one"]
 
 
 def test_lock_released_within_the_timeout_is_waited_for(tmp_path: Path) -> None:
     path = tmp_path / "s.duckdb"
     StepStore(path).record_step(record(1, "one"), [], [])
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
-         "print('locked', flush=True); time.sleep(1.0); c.close(); time.sleep(30)", str(path)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(path, release_after=1.0):
         assert [s.step_name for s in StepStore(path, lock_timeout=20).live_steps("wf")] == ["one"]
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_file_that_is_not_a_database_is_reported_corrupt(tmp_path: Path) -> None:
@@ -136,17 +138,8 @@ def test_locked_store_stops_a_step_before_it_runs_and_keeps_the_history(tmp_path
     path = tmp_path / "s.duckdb"
     flow = Workflow("wf", db=path, lock_timeout=0.2)
     flow.run_cell("warm", "x = 1")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
-         "print('locked', flush=True); time.sleep(60)", str(path)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        with pytest.raises(StoreLockedError):
-            flow.run_cell("boom", "raise KeyError('mine')")
-    finally:
-        holder.kill()
-        holder.wait()
+    with lock_held_by_another_process(path), pytest.raises(StoreLockedError):
+        flow.run_cell("boom", "raise KeyError('mine')")
     assert [s.step_name for s in flow.steps()] == ["warm"]
 
 
