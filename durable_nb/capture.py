@@ -91,39 +91,45 @@ def recording(display_publisher: Any | None) -> Iterator[OutputRecorder]:
     original_stdout, original_stderr = sys.stdout, sys.stderr
     sys.stdout = _RecordingStream(original_stdout, "stdout", recorder)  # type: ignore[assignment]
     sys.stderr = _RecordingStream(original_stderr, "stderr", recorder)  # type: ignore[assignment]
-    patched = display_publisher is not None
-    if patched:
-        saved = {name: display_publisher.__dict__[name]
-                 for name in ("publish", "clear_output") if name in display_publisher.__dict__}
-        original_publish = display_publisher.publish
-        original_clear = display_publisher.clear_output
-
-        def publish(data: dict[str, Any], metadata: dict[str, Any] | None = None, *args: Any,
-                    **kwargs: Any) -> Any:
-            recorder.display(data, metadata, kwargs.get("transient"), bool(kwargs.get("update")))
-            recorder.suspended += 1
-            try:
-                return original_publish(data, metadata, *args, **kwargs)
-            finally:
-                recorder.suspended -= 1
-
-        def clear_output(wait: bool = False) -> Any:
-            recorder.clear(wait)
-            recorder.suspended += 1
-            try:
-                return original_clear(wait)
-            finally:
-                recorder.suspended -= 1
-
-        display_publisher.publish = publish
-        display_publisher.clear_output = clear_output
     try:
-        yield recorder
+        if display_publisher is None:
+            yield recorder
+        else:
+            with _recording_displays(display_publisher, recorder):
+                yield recorder
     finally:
         sys.stdout, sys.stderr = original_stdout, original_stderr
-        if patched:
-            # Drop our instance attributes so the class's methods (or whatever was patched
-            # in before us) show through again.
-            for attribute in ("publish", "clear_output"):
-                display_publisher.__dict__.pop(attribute, None)
-            display_publisher.__dict__.update(saved)
+
+
+@contextmanager
+def _recording_displays(publisher: Any, recorder: OutputRecorder) -> Iterator[None]:
+    saved = {name: publisher.__dict__[name]
+             for name in ("publish", "clear_output") if name in publisher.__dict__}
+    original_publish, original_clear = publisher.publish, publisher.clear_output
+
+    def publish(data: dict[str, Any], metadata: dict[str, Any] | None = None, *args: Any,
+                **kwargs: Any) -> Any:
+        recorder.display(data, metadata, kwargs.get("transient"), bool(kwargs.get("update")))
+        recorder.suspended += 1
+        try:
+            return original_publish(data, metadata, *args, **kwargs)
+        finally:
+            recorder.suspended -= 1
+
+    def clear_output(wait: bool = False) -> Any:
+        recorder.clear(wait)
+        recorder.suspended += 1
+        try:
+            return original_clear(wait)
+        finally:
+            recorder.suspended -= 1
+
+    publisher.publish, publisher.clear_output = publish, clear_output
+    try:
+        yield
+    finally:
+        # Drop our instance attributes so the class's methods (or whatever was patched in
+        # before us) show through again.
+        for name in ("publish", "clear_output"):
+            publisher.__dict__.pop(name, None)
+        publisher.__dict__.update(saved)

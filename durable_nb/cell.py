@@ -12,7 +12,7 @@ import io
 import tokenize
 from dataclasses import dataclass
 from types import CodeType
-from typing import Any, MutableMapping
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -25,14 +25,15 @@ class CompiledCell:
 def compile_cell(source: str, filename: str) -> CompiledCell:
     tree = ast.parse(source, filename=filename, mode="exec")
     last_expression = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        expression = ast.Expression(tree.body.pop().value)
-        last_expression = compile(expression, filename, "eval")
+    last = tree.body[-1] if tree.body else None
+    if isinstance(last, ast.Expr):
+        tree.body.pop()
+        last_expression = compile(ast.Expression(last.value), filename, "eval")
     body = compile(tree, filename, "exec")
     return CompiledCell(body, last_expression, ends_with_semicolon(source))
 
 
-def run_compiled(cell: CompiledCell, namespace: MutableMapping[str, Any]) -> Any:
+def run_compiled(cell: CompiledCell, namespace: dict[str, Any]) -> Any:
     """Run the cell in the namespace; the last expression's value, or None when silenced."""
     __tracebackhide__ = True  # noqa: F841  (IPython hides this frame in tracebacks)
     exec(cell.body, namespace)  # noqa: S102

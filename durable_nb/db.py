@@ -109,7 +109,7 @@ class Database:
         and lets callers keep what they read without opening a connection (which costs
         ~11 ms in duckdb 2.0: it builds the function catalog each time).
         """
-        states = []
+        states: list[tuple[int, int, int, int] | None] = []
         for path in (self.path, self.path + ".wal"):
             try:
                 stat = os.stat(path)

@@ -17,7 +17,8 @@ from .state import is_ipython_internal
 
 
 class Host(Protocol):
-    namespace: dict[str, Any]
+    @property
+    def namespace(self) -> dict[str, Any]: ...
 
     def is_hidden(self, name: str) -> bool: ...
     def transform(self, source: str) -> str: ...
@@ -49,7 +50,7 @@ class IPythonHost:
         self.shell = shell
 
     @property
-    def namespace(self) -> dict[str, Any]:  # type: ignore[override]
+    def namespace(self) -> dict[str, Any]:
         return self.shell.user_ns  # type: ignore[no-any-return]
 
     def is_hidden(self, name: str) -> bool:

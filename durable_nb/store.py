@@ -38,6 +38,18 @@ Chunk = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
+class BlobReference:
+    """A stored chunk that lives in a payload file; `load_chunks` maps it."""
+
+    sha256: str
+    size_bytes: int
+
+
+# What a stored variable holds: bytes in hand, or a reference to a payload file.
+StoredChunk = Chunk | BlobReference
+
+
+@dataclass(frozen=True)
 class StepRecord:
     workflow_id: str
     sequence_number: int
@@ -69,11 +81,12 @@ class StoredVariable:
     name: str
     codec: str
     type_name: str
-    chunks: tuple[Chunk, ...]
+    chunks: tuple[StoredChunk, ...]
 
     @property
     def size_bytes(self) -> int:
-        return sum(memoryview(chunk).nbytes for chunk in self.chunks)
+        return sum(chunk.size_bytes if isinstance(chunk, BlobReference) else memoryview(chunk).nbytes
+                   for chunk in self.chunks)
 
 
 @dataclass(frozen=True)
@@ -223,9 +236,12 @@ class StepStore:
                 raise OSError(f"payload file {sha256} has {found} bytes, {size_bytes} recorded")
             return mmap.mmap(handle.fileno(), size_bytes, access=mmap.ACCESS_COPY)
 
-    def _place_chunks(self, chunks: Iterable[Chunk]) -> list[tuple[int, bytes | None, str | None]]:
+    def _place_chunks(self, chunks: Iterable[StoredChunk]) -> list[tuple[int, bytes | None, str | None]]:
         placed: list[tuple[int, bytes | None, str | None]] = []
         for chunk in chunks:
+            if isinstance(chunk, BlobReference):  # already a payload file: refer to it again
+                placed.append((chunk.size_bytes, None, chunk.sha256))
+                continue
             view = memoryview(chunk).cast("B")
             if view.nbytes <= self.inline_limit:
                 placed.append((view.nbytes, view.tobytes(), None))
@@ -275,13 +291,13 @@ class StepStore:
                 [workflow_id]).fetchall():
             outputs[(sequence_number, revision)].append(
                 StoredOutput(json.loads(output), json.loads(transient) if transient else None))
-        chunks: dict[tuple[int, int, str], list[Chunk]] = {}
+        chunks: dict[tuple[int, int, str], list[StoredChunk]] = {}
         for sequence_number, revision, name, size_bytes, data, blob in connection.execute(
                 "SELECT t.sequence_number, t.revision, t.variable_name, t.size_bytes, t.data, "
                 "t.blob_sha256 " + live_completed.format(table="variable_chunks")
                 + " ORDER BY t.sequence_number, t.variable_name, t.chunk_index", [workflow_id]).fetchall():
             chunks.setdefault((sequence_number, revision, name), []).append(
-                data if blob is None else _BlobReference(blob, size_bytes))  # type: ignore[arg-type]
+                data if blob is None else BlobReference(blob, size_bytes))
         variables: dict[tuple[int, int], list[StoredVariable]] = {}
         for sequence_number, revision, name, codec, kind in connection.execute(
                 "SELECT t.sequence_number, t.revision, t.variable_name, t.codec, t.type_name "
@@ -305,12 +321,12 @@ class StepStore:
         variables = connection.execute(
             "SELECT variable_name, codec, type_name FROM step_variables WHERE workflow_id = ? "
             "AND sequence_number = ? AND revision = ? ORDER BY variable_name", key).fetchall()
-        chunks: dict[str, list[Chunk]] = {name: [] for name, _, _ in variables}
+        chunks: dict[str, list[StoredChunk]] = {name: [] for name, _, _ in variables}
         for name, size_bytes, data, blob in connection.execute(
                 "SELECT variable_name, size_bytes, data, blob_sha256 FROM variable_chunks "
                 "WHERE workflow_id = ? AND sequence_number = ? AND revision = ? "
                 "ORDER BY variable_name, chunk_index", key).fetchall():
-            chunks[name].append(data if blob is None else _BlobReference(blob, size_bytes))
+            chunks[name].append(data if blob is None else BlobReference(blob, size_bytes))
         return [StoredVariable(name, codec, type_name, tuple(chunks[name]))
                 for name, codec, type_name in variables]
 
@@ -385,14 +401,6 @@ class _Snapshot:
     variables: dict[tuple[int, int], list[StoredVariable]]
 
 
-@dataclass(frozen=True)
-class _BlobReference:
-    """A chunk that lives in a payload file; `load_chunks` reads it."""
-
-    sha256: str
-    size_bytes: int
-
-
 def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
     """The variable's chunks, reading payload files where the row points to one.
 
@@ -401,8 +409,8 @@ def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
     """
     chunks: list[Chunk] = []
     for index, chunk in enumerate(variable.chunks):
-        if isinstance(chunk, _BlobReference):
-            chunks.append(store.map_blob(chunk.sha256, chunk.size_bytes))  # type: ignore[arg-type]
+        if isinstance(chunk, BlobReference):
+            chunks.append(memoryview(store.map_blob(chunk.sha256, chunk.size_bytes)))
         else:
             chunks.append(bytearray(chunk) if index else chunk)
     return chunks
