@@ -14,9 +14,9 @@ from .errors import DurableError
 
 
 def _print_event(message: str, event: object | None) -> None:
-    from .runner import StepEvent
+    from .runner import StepOutcome
 
-    if isinstance(event, StepEvent):
+    if isinstance(event, StepOutcome):
         detail = f"{event.seconds:6.2f} s"
         if event.outcome == "replayed" and event.saved_seconds:
             detail += f"  (saved {event.saved_seconds:.1f} s)"

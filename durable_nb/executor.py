@@ -16,7 +16,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import state
 from .cell import compile_cell, run_compiled
@@ -32,6 +32,19 @@ DEFAULT_STORE_FILENAME = "durable_nb.duckdb"
 
 class DurableWarning(UserWarning):
     """A step completed, but some of its state could not be stored or restored."""
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What the executor tells its listeners (the status widget, a log) as a step goes."""
+
+    workflow_id: str
+    sequence_number: int
+    step_name: str
+    status: str  # running | executed | replayed | failed
+    reason: str  # why it executed (or "completed with the same code" for a replay)
+    seconds: float = 0.0  # how long the execution or the replay took
+    record: StepRecord | None = None  # the stored record, once there is one
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,25 @@ class DurableExecutor:
         self._explicit_store_path = store_path
         self._store: StepStore | None = None
         self.next_sequence_number = 1
+        self._listeners: list[Callable[[StepEvent], None]] = []
+
+    def add_listener(self, listener: Callable[[StepEvent], None]) -> None:
+        """Call `listener(event)` as steps start, execute, replay and fail."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[StepEvent], None]) -> None:
+        self._listeners.remove(listener)
+
+    def history(self) -> list[StepRecord]:
+        """The current workflow's live history (cheap: served from the store's snapshot)."""
+        return self.store.live_steps(self.workflow_id)
+
+    def _emit(self, event: StepEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken display must never break a step
+                log.exception("durable_nb listener %r failed on %s", listener, event)
 
     def set_workflow(self, workflow_id: str | None, store_path: str | None = None) -> None:
         """Name the workflow (and store); the clock starts again at 1, as in a fresh run."""
@@ -137,7 +169,7 @@ class DurableExecutor:
         self.next_sequence_number = decision.sequence_number + 1
         if decision.replay and decision.record is not None:
             try:
-                return self._replay(decision.record)
+                return self._replay(decision.record, decision.reason)
             except RestoreError as exc:
                 warnings.warn(str(exc), DurableWarning, stacklevel=2)
                 decision = Decision(decision.sequence_number, False, f"replay failed: {exc}",
@@ -147,7 +179,7 @@ class DurableExecutor:
 
     # -- replay ------------------------------------------------------------------------
 
-    def _replay(self, record: StepRecord) -> Any:
+    def _replay(self, record: StepRecord, reason: str) -> Any:
         started = time.perf_counter()
         outputs, stored = self.store.read_step(record)
         values: dict[str, Any] = {}
@@ -171,8 +203,11 @@ class DurableExecutor:
                 "they could not be stored when it executed. Create them in a plain cell "
                 "(not a durable step), or run the step with --force to execute it again.",
                 DurableWarning, stacklevel=3)
+        seconds = time.perf_counter() - started
         log.info("Replayed step %r (#%d) in %.1f ms", record.step_name, record.sequence_number,
-                 (time.perf_counter() - started) * 1000)
+                 seconds * 1000)
+        self._emit(StepEvent(record.workflow_id, record.sequence_number, record.step_name,
+                             "replayed", reason, seconds, record))
         return result
 
     def _show(self, outputs: Sequence[StoredOutput]) -> Any:
@@ -202,6 +237,8 @@ class DurableExecutor:
         watch = state.NamespaceWatch(namespace, state.reachable_names(transformed, namespace),
                                      self.host.is_hidden)
         started_at, started = utc_now(), time.perf_counter()
+        self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "running",
+                             decision.reason))
 
         def record(status: str, outputs: list[StoredOutput], stored: list[StoredVariable],
                    unrestorable: dict[str, str], error: str | None) -> StepRecord:
@@ -219,16 +256,21 @@ class DurableExecutor:
                 if value is not None:
                     recorder.result(*self.host.format_result(value))
             except BaseException as exc:
+                failed: StepRecord | None = None
                 try:
-                    record(FAILED, recorder.outputs, [], {},
-                           "".join(traceback.format_exception(exc)))
+                    failed = record(FAILED, recorder.outputs, [], {},
+                                    "".join(traceback.format_exception(exc)))
                 except DurableError as store_exc:
                     exc.add_note(f"durable_nb could not record this failure: {store_exc}")
+                self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "failed",
+                                     decision.reason, time.perf_counter() - started, failed))
                 raise
         change = watch.changes(namespace)
         stored, unstorable = self._encode(change, variables, exclude)
-        record(COMPLETED, recorder.outputs, stored,
-               {item.name: item.reason for item in unstorable}, None)
+        completed = record(COMPLETED, recorder.outputs, stored,
+                           {item.name: item.reason for item in unstorable}, None)
+        self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "executed",
+                             decision.reason, completed.duration_seconds, completed))
         if unstorable:
             details = "; ".join(f"{item.name!r} ({item.reason})" for item in unstorable)
             warnings.warn(

@@ -20,7 +20,7 @@ from .store import COMPLETED, StepStore, utc_now
 
 
 @dataclass(frozen=True)
-class StepEvent:
+class StepOutcome:
     attempt: int
     cell_index: int
     step_name: str
@@ -33,7 +33,7 @@ class StepEvent:
 class RunResult:
     notebook: Any
     attempts: int
-    events: list[StepEvent] = field(default_factory=list)
+    events: list[StepOutcome] = field(default_factory=list)
 
 
 class NotebookFailedError(DurableError):
@@ -68,7 +68,7 @@ class NotebookRunner:
     def __init__(self, path: str | os.PathLike[str], *, workflow: str | None = None,
                  db: str | None = None, max_restarts: int = 3, cell_timeout: int | None = None,
                  kernel_name: str = "python3",
-                 on_event: Callable[[str, StepEvent | None], None] | None = None) -> None:
+                 on_event: Callable[[str, StepOutcome | None], None] | None = None) -> None:
         import nbformat
 
         self.path = Path(path)
@@ -145,9 +145,9 @@ class NotebookRunner:
         raise AssertionError("unreachable")
 
     def _step_event(self, attempt: int, cell_index: int, name: str, attempt_started: Any,
-                    seconds: float, execute_reply: Any) -> StepEvent:
+                    seconds: float, execute_reply: Any) -> StepOutcome:
         if execute_reply.get("content", {}).get("status") != "ok":
-            return StepEvent(attempt, cell_index, name, "failed", seconds)
+            return StepOutcome(attempt, cell_index, name, "failed", seconds)
         try:
             records = {record.step_name: record
                        for record in StepStore(self.store_path).live_steps(self.workflow)}
@@ -155,10 +155,10 @@ class NotebookRunner:
             records = {}
         record = records.get(name)
         if record is None or record.status != COMPLETED:
-            return StepEvent(attempt, cell_index, name, "executed", seconds)
+            return StepOutcome(attempt, cell_index, name, "executed", seconds)
         if record.finished_at >= attempt_started:
-            return StepEvent(attempt, cell_index, name, "executed", seconds)
-        return StepEvent(attempt, cell_index, name, "replayed", seconds,
+            return StepOutcome(attempt, cell_index, name, "executed", seconds)
+        return StepOutcome(attempt, cell_index, name, "replayed", seconds,
                          saved_seconds=max(record.duration_seconds - seconds, 0.0))
 
 

@@ -78,3 +78,23 @@ def test_traceback_of_an_api_step_shows_the_step_source(tmp_path: Path) -> None:
 def test_empty_workflow_name_is_refused() -> None:
     with pytest.raises(ValueError, match="non-empty name"):
         Workflow("")
+
+
+def test_listeners_hear_each_step_start_execute_replay_and_fail(tmp_path: Path) -> None:
+    heard: list[tuple[str, str]] = []
+    flow = Workflow("events", db=tmp_path / "s.duckdb")
+    flow.executor.add_listener(lambda event: heard.append((event.step_name, event.status)))
+    flow.run_cell("a", "x = 1")
+    with pytest.raises(NameError):
+        flow.run_cell("b", "y = undefined_name")
+    flow.restart()
+    flow.run_cell("a", "x = 1")
+    assert heard == [("a", "running"), ("a", "executed"), ("b", "running"), ("b", "failed"),
+                     ("a", "replayed")]
+    assert [record.step_name for record in flow.executor.history()] == ["a", "b"]
+
+
+def test_a_failing_listener_never_breaks_a_step(tmp_path: Path) -> None:
+    flow = Workflow("events", db=tmp_path / "s.duckdb")
+    flow.executor.add_listener(lambda event: 1 / 0)
+    assert flow.run_cell("a", "x = 41\nx + 1") == 42
