@@ -58,3 +58,16 @@ class StoreVersionError(StoreError):
             f"this version reads schema {supported} and older. Upgrade durable_nb "
             "(pip install -U durable_nb), or use another store with --db.",
         )
+
+
+class UnknownStepError(StoreError):
+    def __init__(self, path: str, workflow_id: str, step_name: str, known: list[str]) -> None:
+        self.workflow_id = workflow_id
+        self.step_name = step_name
+        names = ", ".join(repr(name) for name in known) or "none"
+        super().__init__(
+            path,
+            f"Workflow {workflow_id!r} in {path!r} has no step {step_name!r} "
+            f"(its steps: {names}). Check the name, or list the steps with "
+            f"`durable-nb status {workflow_id}`.",
+        )

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
 from .db import Connection, Database, fetch_dicts
+from .errors import UnknownStepError
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,17 @@ class StepStore:
         self._snapshots.clear()
         with self.database.transaction() as connection:
             return self._delete_txn(connection, workflow_id, from_sequence_number)
+
+    def reset_steps(self, workflow_id: str, step_name: str | None = None) -> int:
+        """Forget a step and everything after it (all of the workflow's steps when no name is
+        given), so they execute when next reached; returns how many records went."""
+        if step_name is None:
+            return self.delete_steps(workflow_id)
+        history = self.live_steps(workflow_id)
+        position = next((s.sequence_number for s in history if s.step_name == step_name), None)
+        if position is None:
+            raise UnknownStepError(self.path, workflow_id, step_name, [s.step_name for s in history])
+        return self.delete_steps(workflow_id, from_sequence_number=position)
 
     def gc(self, grace_seconds: float = GC_GRACE_SECONDS) -> int:
         """Remove payload files no step refers to; returns how many were removed."""

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from durable_nb import Workflow
-from durable_nb.errors import StoreCorruptError, StoreLockedError, StoreVersionError
+from durable_nb.errors import StoreCorruptError, StoreLockedError, StoreVersionError, UnknownStepError
 from durable_nb.state import decode, encode
 from durable_nb.store import StepRecord, StepStore, StoredOutput, load_chunks
 
@@ -162,3 +163,16 @@ def test_restored_payload_is_writable_and_private(tmp_path: Path) -> None:
     first[:] = -1
     second = decode(variable, load_chunks(store, variable))
     assert second[5] == 5.0 and first[5] == -1.0
+
+
+def test_reset_removes_the_step_and_everything_after_it_in_that_workflow_only(tmp_path: Path) -> None:
+    store = StepStore(tmp_path / "s.duckdb")
+    for position, name in enumerate(["a", "b", "c"], start=1):
+        store.record_step(record(position, name), [], [])
+    store.record_step(replace(record(1, "a"), workflow_id="other"), [], [])
+    assert store.reset_steps("wf", "b") == 2
+    assert [s.step_name for s in store.live_steps("wf")] == ["a"]
+    assert [s.step_name for s in store.live_steps("other")] == ["a"]
+    with pytest.raises(UnknownStepError, match="no step 'zz'.*its steps: 'a'"):
+        store.reset_steps("wf", "zz")
+    assert store.reset_steps("wf") == 1 and store.live_steps("wf") == []
