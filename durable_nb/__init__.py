@@ -10,7 +10,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Workflow", "__version__", "load_ipython_extension", "unload_ipython_extension"]
+__all__ = ["Workflow", "__version__", "current_step", "load_ipython_extension",
+           "unload_ipython_extension"]
 
 
 def load_ipython_extension(shell: Any) -> None:
@@ -20,8 +21,11 @@ def load_ipython_extension(shell: Any) -> None:
 
 
 def unload_ipython_extension(shell: Any) -> None:
+    magics = shell.magics_manager.registry.pop("DurableMagics", None)
+    if magics is not None:
+        magics.executor.host.close()  # its pre/post_run_cell event handlers
     for kind in ("line", "cell"):
-        for name in ("durable_workflow", "durable_step"):
+        for name in ("durable_workflow", "durable_step", "durable_status", "durable_reset"):
             shell.magics_manager.magics[kind].pop(name, None)
 
 
@@ -31,4 +35,8 @@ def __getattr__(name: str) -> Any:
         from .api import Workflow
 
         return Workflow
+    if name == "current_step":
+        from .context import current_step
+
+        return current_step
     raise AttributeError(f"module 'durable_nb' has no attribute {name!r}")

@@ -23,7 +23,7 @@ from .errors import StoreCorruptError, StoreError, StoreLockedError, StoreVersio
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_LOCK_TIMEOUT = 30.0
 
 # Rows are keyed by (workflow_id, sequence_number, revision): a position in the logical
@@ -75,8 +75,19 @@ _SCHEMA_V1 = [
         blob_sha256 VARCHAR)""",
 ]
 
-# Migrations from version N to N+1, applied in order inside one transaction.
-_MIGRATIONS: dict[int, list[str]] = {}
+# Migrations from version N to N+1, each applied in one transaction. A new store is made
+# at version 1 and migrated forward, so every store takes the same path.
+_MIGRATIONS: dict[int, list[str]] = {
+    # 2: input fingerprints, retries, cell ids, value digests; status 'stale'.
+    1: [
+        "ALTER TABLE steps ADD COLUMN inputs VARCHAR NOT NULL DEFAULT '{}'",
+        "ALTER TABLE steps ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE steps ADD COLUMN attempt_errors VARCHAR NOT NULL DEFAULT '[]'",
+        "ALTER TABLE steps ADD COLUMN cell_id VARCHAR",
+        "ALTER TABLE steps ADD COLUMN output_digests VARCHAR NOT NULL DEFAULT '{}'",
+        "ALTER TABLE step_variables ADD COLUMN content_digest VARCHAR",
+    ],
+}
 
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?)(?:\. See also|$)")
 
@@ -177,14 +188,14 @@ class Database:
         except duckdb.Error as exc:
             raise StoreCorruptError(self.path, f"reading its schema failed ({exc})") from exc
         if found is None:
-            self._apply(connection, _SCHEMA_V1, SCHEMA_VERSION)
-            log.info("Created durable_nb store %s (schema %d)", self.path, SCHEMA_VERSION)
-        elif found > SCHEMA_VERSION:
+            self._apply(connection, _SCHEMA_V1, 1)
+            found = 1
+            log.info("Created durable_nb store %s", self.path)
+        if found > SCHEMA_VERSION:
             raise StoreVersionError(self.path, found, SCHEMA_VERSION)
-        else:
-            for version in range(found, SCHEMA_VERSION):
-                self._apply(connection, _MIGRATIONS[version], version + 1)
-                log.info("Migrated store %s to schema %d", self.path, version + 1)
+        for version in range(found, SCHEMA_VERSION):
+            self._apply(connection, _MIGRATIONS[version], version + 1)
+            log.info("Migrated store %s to schema %d", self.path, version + 1)
         self._schema_checked_for = identity
 
     @staticmethod

@@ -71,3 +71,50 @@ class UnknownStepError(StoreError):
             f"(its steps: {names}). Check the name, or list the steps with "
             f"`durable-nb status {workflow_id}`.",
         )
+
+
+class NonDeterminismError(DurableError):
+    """Strict mode: the notebook no longer does what its recorded history says it did."""
+
+    def __init__(self, workflow_id: str, sequence_number: int, recorded_name: str,
+                 step_name: str, detail: str) -> None:
+        self.workflow_id = workflow_id
+        self.sequence_number = sequence_number
+        self.recorded_name = recorded_name
+        self.step_name = step_name
+        super().__init__(
+            f"Workflow {workflow_id!r} is strict, and step #{sequence_number} diverged from its "
+            f"recorded history: it recorded step {recorded_name!r}, and now step {step_name!r} "
+            f"ran there ({detail}). Nothing ran. To accept the change, reset the history from "
+            f"there (`%durable_reset {recorded_name}`) or drop --strict from %durable_workflow, "
+            "and durable_nb will execute the step again and every step after it."
+        )
+
+
+class DuplicateStepError(DurableError):
+    def __init__(self, step_name: str, sequence_number: int | None, other_cell: str,
+                 this_cell: str) -> None:
+        self.step_name = step_name
+        position = f"step #{sequence_number}" if sequence_number else "an earlier step"
+        super().__init__(
+            f"Two cells use the step name {step_name!r}: {position} ran from cell {other_cell}, "
+            f"and this is cell {this_cell}. Step names must be unique within a workflow, or one "
+            "would replay the other's results. Give one of them another name (if you just "
+            "renamed that other cell, run it first)."
+        )
+
+
+class StepTimeoutError(DurableError, TimeoutError):
+    def __init__(self, step_name: str, timeout: float) -> None:
+        self.step_name = step_name
+        self.timeout = timeout
+        super().__init__(
+            f"Step {step_name!r} ran longer than its --timeout of {timeout:g} s and was stopped; "
+            "it is recorded as failed. Raise --timeout, or make the step faster."
+        )
+
+
+class NotInStepError(DurableError):
+    def __init__(self) -> None:
+        super().__init__("current_step() was called outside a durable step: call it from the "
+                         "code of a `%%durable_step` cell (or a function that cell calls).")

@@ -1,26 +1,29 @@
-"""The executor: the logical clock, the execute-or-replay decision, recording.
+"""The executor: the logical clock, the execute-or-replay decision, retries, recording.
 
 Each step takes the next position on the workflow's logical clock. A completed step with
-the same name and code at that position replays: its variables come back, its outputs
-show again, none of its code runs. Anything else executes, and its whole record is
-committed before the cell returns (persist before progress).
+the same name, code and inputs at that position replays: its variables come back, its
+outputs show again, none of its code runs. Anything else executes, and its whole record
+is committed before the cell returns (persist before progress).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from . import state
 from .cell import compile_cell, run_compiled
-from .errors import DurableError, WorkflowNotNamedError
+from .context import StepContext, backoff_delay, deadline, running
+from .decision import Decision, decide
+from .errors import (DurableError, DuplicateStepError, NonDeterminismError,
+                     WorkflowNotNamedError)
+from .fingerprint import code_fingerprint, value_digest
 from .host import Host, ReplayedResult
 from .store import (COMPLETED, FAILED, StepRecord, StepStore, StoredOutput, StoredVariable,
                     load_chunks, utc_now)
@@ -42,46 +45,23 @@ class StepEvent:
     sequence_number: int
     step_name: str
     status: str  # running | executed | replayed | failed
-    reason: str  # why it executed (or "completed with the same code" for a replay)
+    reason: str  # why it executed (or why it could replay)
     seconds: float = 0.0  # how long the execution or the replay took
     record: StepRecord | None = None  # the stored record, once there is one
+    attempt: int = 1
 
 
 @dataclass(frozen=True)
-class Decision:
-    sequence_number: int
-    replay: bool
-    reason: str
-    supersede_from: int | None = None
-    record: StepRecord | None = None
+class StepOptions:
+    """How to run one step: what to record, and the limits it runs under."""
 
-
-def code_fingerprint(source: str) -> str:
-    lines = [line.rstrip() for line in source.strip().splitlines()]
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def decide(history: Sequence[StepRecord], step_name: str, fingerprint: str,
-           next_sequence_number: int) -> Decision:
-    """Execute or replay, at which position, and why."""
-    by_name = {record.step_name: record for record in history}
-    by_position = {record.sequence_number: record for record in history}
-    # A name already in the history pins the step to its recorded position: re-running a
-    # cell (or running a later one first after a restart) finds its own record.
-    known = by_name.get(step_name)
-    position = known.sequence_number if known else next_sequence_number
-    existing = by_position.get(position)
-    if existing is None:
-        return Decision(position, False, "new step")
-    if existing.step_name != step_name:
-        return Decision(position, False,
-                        f"history diverged: position {position} held step {existing.step_name!r}",
-                        supersede_from=position)
-    if existing.status != COMPLETED:
-        return Decision(position, False, "previous attempt failed", record=existing)
-    if existing.code_fingerprint != fingerprint:
-        return Decision(position, False, "code changed", record=existing)
-    return Decision(position, True, "completed with the same code", record=existing)
+    variables: Sequence[str] | None = None  # record exactly these
+    exclude: Sequence[str] = ()
+    force: bool = False
+    retries: int = 0
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+    timeout: float | None = None
 
 
 def resolve_workflow_id(explicit: str | None, notebook_path: str | None) -> str:
@@ -108,40 +88,34 @@ class DurableExecutor:
     """Runs steps for one host (an IPython shell or a plain namespace)."""
 
     def __init__(self, host: Host, *, workflow_id: str | None = None,
-                 store_path: str | None = None, lock_timeout: float | None = None) -> None:
+                 store_path: str | None = None, lock_timeout: float | None = None,
+                 strict: bool = False) -> None:
         self.host = host
         self.lock_timeout = lock_timeout
+        self.strict = strict
         self._explicit_workflow_id = workflow_id
         self._explicit_store_path = store_path
         self._store: StepStore | None = None
         self.next_sequence_number = 1
         self._listeners: list[Callable[[StepEvent], None]] = []
+        self._known_digests = state.KnownDigests()
+        self._trust_known_digests = host.watch_plain_cells(
+            lambda text: self._known_digests.forget_touched_by(text, host.namespace))
+        # Step name -> the cell it ran from, this session (only where cell ids are known).
+        self._cells_by_step: dict[str, str] = {}
 
-    def add_listener(self, listener: Callable[[StepEvent], None]) -> None:
-        """Call `listener(event)` as steps start, execute, replay and fail."""
-        self._listeners.append(listener)
+    # -- configuration -----------------------------------------------------------------
 
-    def remove_listener(self, listener: Callable[[StepEvent], None]) -> None:
-        self._listeners.remove(listener)
-
-    def history(self) -> list[StepRecord]:
-        """The current workflow's live history (cheap: served from the store's snapshot)."""
-        return self.store.live_steps(self.workflow_id)
-
-    def _emit(self, event: StepEvent) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:  # a broken display must never break a step
-                log.exception("durable_nb listener %r failed on %s", listener, event)
-
-    def set_workflow(self, workflow_id: str | None, store_path: str | None = None) -> None:
+    def set_workflow(self, workflow_id: str | None, store_path: str | None = None,
+                     strict: bool = False) -> None:
         """Name the workflow (and store); the clock starts again at 1, as in a fresh run."""
         self._explicit_workflow_id = workflow_id
         if store_path is not None or self._explicit_store_path is None:
             self._explicit_store_path = store_path
             self._store = None
+        self.strict = strict
         self.next_sequence_number = 1
+        self._cells_by_step.clear()
 
     @property
     def workflow_id(self) -> str:
@@ -154,28 +128,82 @@ class DurableExecutor:
             self._store = StepStore(path, lock_timeout=self.lock_timeout)
         return self._store
 
-    def run_step(self, step_name: str, source: str, *, variables: Sequence[str] | None = None,
-                 exclude: Sequence[str] = ()) -> Any:
+    def add_listener(self, listener: Callable[[StepEvent], None]) -> None:
+        """Call `listener(event)` as steps start, execute, replay and fail."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[StepEvent], None]) -> None:
+        self._listeners.remove(listener)
+
+    def history(self) -> list[StepRecord]:
+        """The current workflow's live history (cheap: served from the store's snapshot)."""
+        return self.store.live_steps(self.workflow_id)
+
+    def reset(self, step_name: str | None = None) -> int:
+        """Forget a step and every step after it (the whole workflow without a name)."""
+        count = self.store.reset_steps(self.workflow_id, step_name)
+        log.info("Reset %d step record(s) of workflow %r%s", count, self.workflow_id,
+                 f" from step {step_name!r} on" if step_name else "")
+        return count
+
+    def _emit(self, event: StepEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken display must never break a step
+                log.exception("durable_nb listener %r failed on %s", listener, event)
+
+    # -- one step ----------------------------------------------------------------------
+
+    def run_step(self, step_name: str, source: str, options: StepOptions = StepOptions()) -> Any:
         """Replay the step if its completed record matches, otherwise execute and record it.
 
         Returns the value to show as the cell's result (None for none).
         """
         __tracebackhide__ = True  # noqa: F841
         workflow_id = self.workflow_id
-        fingerprint = code_fingerprint(source)
-        store = self.store
-        decision = decide(store.live_steps(workflow_id), step_name, fingerprint,
-                          self.next_sequence_number)
+        transformed = self.host.transform(source)
+        inputs = self._input_digests(transformed)
+        decision = decide(self.store.live_steps(workflow_id), step_name,
+                          code_fingerprint(transformed), inputs, self.next_sequence_number,
+                          force=options.force)
+        self._check_unique(step_name, decision)
+        if self.strict and decision.diverges and decision.record is not None:
+            raise NonDeterminismError(workflow_id, decision.sequence_number,
+                                      decision.record.step_name, step_name, decision.reason)
         self.next_sequence_number = decision.sequence_number + 1
         if decision.replay and decision.record is not None:
             try:
                 return self._replay(decision.record, decision.reason)
             except RestoreError as exc:
                 warnings.warn(str(exc), DurableWarning, stacklevel=2)
-                decision = Decision(decision.sequence_number, False, f"replay failed: {exc}",
-                                    record=decision.record)
-        return self._execute(workflow_id, step_name, source, fingerprint, decision,
-                             variables, exclude)
+                decision = replace(decision, replay=False, reason=f"replay failed: {exc}")
+        return self._execute(workflow_id, step_name, source, transformed, inputs, decision,
+                             options)
+
+    def _input_digests(self, transformed: str) -> dict[str, str]:
+        namespace = self.host.namespace
+        digests = {}
+        for name in sorted(state.input_names(transformed, namespace, self.host.is_hidden)):
+            value = namespace[name]
+            if state.is_spent(value):  # a closed file left by `with open(...) as f:`
+                continue
+            known = self._known_digests.get(name, value) if self._trust_known_digests else None
+            digests[name] = known if known is not None else value_digest(value)
+            self._known_digests.remember(name, value, digests[name])
+        return digests
+
+    def _check_unique(self, step_name: str, decision: Decision) -> None:
+        cell_id = self.host.cell_id()
+        if cell_id is None:
+            return
+        other = self._cells_by_step.get(step_name)
+        if other is not None and other != cell_id:
+            raise DuplicateStepError(step_name, decision.sequence_number, other, cell_id)
+        for name, cell in list(self._cells_by_step.items()):
+            if cell == cell_id:  # the cell was renamed: it no longer holds its old name
+                del self._cells_by_step[name]
+        self._cells_by_step[step_name] = cell_id
 
     # -- replay ------------------------------------------------------------------------
 
@@ -196,6 +224,10 @@ class DurableExecutor:
                 raise RestoreError(record.step_name, variable.name,
                                    f"{type(exc).__name__}: {exc}") from exc
         state.apply(self.host.namespace, values, deleted)
+        for variable in stored:
+            if variable.content_digest and variable.name in values:
+                self._known_digests.remember(variable.name, values[variable.name],
+                                             variable.content_digest)
         result = self._show(outputs)
         if record.unrestorable:
             warnings.warn(
@@ -227,50 +259,71 @@ class DurableExecutor:
 
     # -- execute -----------------------------------------------------------------------
 
-    def _execute(self, workflow_id: str, step_name: str, source: str, fingerprint: str,
-                 decision: Decision, variables: Sequence[str] | None,
-                 exclude: Sequence[str]) -> Any:
+    def _execute(self, workflow_id: str, step_name: str, source: str, transformed: str,
+                 inputs: dict[str, str], decision: Decision, options: StepOptions) -> Any:
         __tracebackhide__ = True  # noqa: F841
         log.info("Executing step %r (#%d): %s", step_name, decision.sequence_number, decision.reason)
         namespace = self.host.namespace
-        transformed = self.host.transform(source)
-        watch = state.NamespaceWatch(namespace, state.reachable_names(transformed, namespace),
-                                     self.host.is_hidden)
+        compiled = None
         started_at, started = utc_now(), time.perf_counter()
-        self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "running",
-                             decision.reason))
+        attempt_errors: list[dict[str, Any]] = []
 
         def record(status: str, outputs: list[StoredOutput], stored: list[StoredVariable],
                    unrestorable: dict[str, str], error: str | None) -> StepRecord:
             return self.store.record_step(
-                StepRecord(workflow_id, decision.sequence_number, step_name, status, fingerprint,
-                           source, decision.reason, started_at, utc_now(),
-                           time.perf_counter() - started, error=error, unrestorable=unrestorable),
-                outputs, stored, supersede_from=decision.supersede_from)
+                StepRecord(workflow_id, decision.sequence_number, step_name, status,
+                           code_fingerprint(transformed), source, decision.reason, started_at,
+                           utc_now(), time.perf_counter() - started, error=error,
+                           unrestorable=unrestorable, inputs=inputs,
+                           attempts=len(attempt_errors) + (status == COMPLETED),
+                           attempt_errors=list(attempt_errors), cell_id=self.host.cell_id(),
+                           output_digests={v.name: v.content_digest for v in stored
+                                           if v.content_digest}),
+                outputs, stored, supersede_from=decision.supersede_from,
+                stale_after=decision.sequence_number if decision.invalidates_later else None)
 
-        with self.host.recording() as recorder:
-            try:
-                compiled = compile_cell(transformed, self.host.filename(transformed, step_name))
-                value = run_compiled(compiled, namespace)
-                self.host.after_body()
-                if value is not None:
-                    recorder.result(*self.host.format_result(value))
-            except BaseException as exc:
-                failed: StepRecord | None = None
+        watch = state.NamespaceWatch(namespace, inputs, self.host.is_hidden)
+        for attempt in range(1, options.retries + 2):
+            context = StepContext(workflow_id, decision.sequence_number, step_name, attempt)
+            self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "running",
+                                 decision.reason, attempt=attempt))
+            attempt_started = time.perf_counter()
+            with self.host.recording() as recorder:
                 try:
-                    failed = record(FAILED, recorder.outputs, [], {},
-                                    "".join(traceback.format_exception(exc)))
-                except DurableError as store_exc:
-                    exc.add_note(f"durable_nb could not record this failure: {store_exc}")
-                self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "failed",
-                                     decision.reason, time.perf_counter() - started, failed))
-                raise
+                    if compiled is None:
+                        compiled = compile_cell(transformed, self.host.filename(transformed, step_name))
+                    with running(context), deadline(step_name, options.timeout):
+                        value = run_compiled(compiled, namespace)
+                    self.host.after_body()
+                    if value is not None:
+                        recorder.result(*self.host.format_result(value))
+                except BaseException as exc:
+                    retry = isinstance(exc, Exception) and not isinstance(exc, SyntaxError) \
+                        and attempt <= options.retries
+                    delay = backoff_delay(attempt, options.backoff, options.max_backoff) if retry else 0.0
+                    attempt_errors.append({
+                        "attempt": attempt, "error": f"{type(exc).__name__}: {exc}",
+                        "seconds": round(time.perf_counter() - attempt_started, 6),
+                        "backoff_seconds": round(delay, 6)})
+                    failed = self._record_failure(record, recorder.outputs, exc)
+                    self._emit(StepEvent(workflow_id, decision.sequence_number, step_name,
+                                         "failed", decision.reason,
+                                         time.perf_counter() - started, failed, attempt))
+                    if not retry:
+                        raise
+                else:
+                    break
+            print(f"durable_nb: step {step_name!r} attempt {attempt} of {options.retries + 1} "
+                  f"failed ({attempt_errors[-1]['error']}); retrying in {delay:.2f} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(delay)
         change = watch.changes(namespace)
-        stored, unstorable = self._encode(change, variables, exclude)
+        stored, unstorable = self._encode(change, watch.after_digests, options)
         completed = record(COMPLETED, recorder.outputs, stored,
                            {item.name: item.reason for item in unstorable}, None)
         self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "executed",
-                             decision.reason, completed.duration_seconds, completed))
+                             decision.reason, completed.duration_seconds, completed,
+                             completed.attempts))
         if unstorable:
             details = "; ".join(f"{item.name!r} ({item.reason})" for item in unstorable)
             warnings.warn(
@@ -280,24 +333,42 @@ class DurableExecutor:
                 DurableWarning, stacklevel=3)
         return value
 
-    def _encode(self, change: state.StateChange, variables: Sequence[str] | None,
-                exclude: Sequence[str]) -> tuple[list[StoredVariable], list[state.Unstorable]]:
+    @staticmethod
+    def _record_failure(record: Callable[..., StepRecord], outputs: list[StoredOutput],
+                        exc: BaseException) -> StepRecord | None:
+        try:
+            return record(FAILED, outputs, [], {}, "".join(traceback.format_exception(exc)))
+        except DurableError as store_exc:
+            exc.add_note(f"durable_nb could not record this failure: {store_exc}")
+            return None
+
+    def _encode(self, change: state.StateChange, digests: dict[str, str],
+                options: StepOptions) -> tuple[list[StoredVariable], list[state.Unstorable]]:
         namespace = self.host.namespace
-        changed: Sequence[str] = change.changed if variables is None else variables
-        deleted: Sequence[str] = change.deleted if variables is None else ()
+        changed = change.changed if options.variables is None else options.variables
+        deleted = change.deleted if options.variables is None else ()
         stored: list[StoredVariable] = []
         unstorable: list[state.Unstorable] = []
         for name in changed:
-            if name in exclude:
+            if name in options.exclude:
                 continue
             if name not in namespace:
                 unstorable.append(state.Unstorable(name, "--vars names it, but it is not defined"))
                 continue
-            if state.is_spent(namespace[name]):
+            value = namespace[name]
+            if state.is_spent(value):
                 continue
-            encoded = state.encode(name, namespace[name])
-            (stored if isinstance(encoded, StoredVariable) else unstorable).append(encoded)  # type: ignore[arg-type]
-        stored.extend(state.deletion(name) for name in deleted if name not in exclude)
+            encoded = state.encode(name, value)
+            if isinstance(encoded, state.Unstorable):
+                unstorable.append(encoded)
+                continue
+            digest = digests.get(name) or value_digest(value)
+            self._known_digests.remember(name, value, digest)
+            stored.append(replace(encoded, content_digest=digest))
+        for name, digest in digests.items():  # read, not changed: still known
+            if name in namespace:
+                self._known_digests.remember(name, namespace[name], digest)
+        stored.extend(state.deletion(name) for name in deleted if name not in options.exclude)
         return stored, unstorable
 
 

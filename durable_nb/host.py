@@ -10,7 +10,7 @@ from __future__ import annotations
 import linecache
 import sys
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from .capture import OutputRecorder, recording
 from .state import is_ipython_internal
@@ -29,6 +29,11 @@ class Host(Protocol):
     def publish_display(self, data: dict[str, Any], metadata: dict[str, Any],
                         transient: dict[str, Any] | None) -> None: ...
     def notebook_path(self) -> str | None: ...
+    def cell_id(self) -> str | None: ...
+    def watch_plain_cells(self, callback: Callable[[str], None]) -> bool:
+        """Call `callback(cell_text)` after each cell that is not a durable step; False if
+        this host cannot see cells (then nothing may be assumed unchanged between steps)."""
+        ...
 
 
 class ReplayedResult:
@@ -48,6 +53,36 @@ class ReplayedResult:
 class IPythonHost:
     def __init__(self, shell: Any) -> None:
         self.shell = shell
+        self._cell_id: str | None = None
+        self._plain_cell_callbacks: list[Callable[[str], None]] = []
+        shell.events.register("pre_run_cell", self._pre_run_cell)
+        shell.events.register("post_run_cell", self._post_run_cell)
+
+    def close(self) -> None:
+        for event, handler in (("pre_run_cell", self._pre_run_cell),
+                               ("post_run_cell", self._post_run_cell)):
+            try:
+                self.shell.events.unregister(event, handler)
+            except ValueError:
+                pass
+
+    def _pre_run_cell(self, info: Any) -> None:
+        # JupyterLab and VS Code send the cell's id; nbclient and the terminal do not.
+        self._cell_id = getattr(info, "cell_id", None)
+
+    def _post_run_cell(self, result: Any) -> None:
+        text = getattr(result.info, "raw_cell", "") or ""
+        if text.lstrip().startswith("%%durable_step"):
+            return
+        for callback in self._plain_cell_callbacks:
+            callback(text)
+
+    def cell_id(self) -> str | None:
+        return self._cell_id
+
+    def watch_plain_cells(self, callback: Callable[[str], None]) -> bool:
+        self._plain_cell_callbacks.append(callback)
+        return True
 
     @property
     def namespace(self) -> dict[str, Any]:
@@ -119,6 +154,12 @@ class PlainHost:
 
     def notebook_path(self) -> str | None:
         return None
+
+    def cell_id(self) -> str | None:
+        return None
+
+    def watch_plain_cells(self, callback: Callable[[str], None]) -> bool:
+        return False  # a script can change the namespace between steps unseen
 
 
 def _matplotlib_backend() -> str:

@@ -4,8 +4,8 @@ A step's state is every user variable it created, rebound, deleted or mutated in
 Rebinding and deletion are seen by comparing the namespace before and after (by identity,
 holding the old objects so an id cannot be reused). In-place mutation (`items.append(x)`,
 `df.dropna(inplace=True)`, `model.fit(...)`) is seen by digesting, before and after, the
-values the cell can reach by name: the names it mentions, and the globals used by the
-notebook functions it calls.
+values the cell can read: the names it reads, and the globals used by the notebook
+functions among them. The digests taken before are the step's input fingerprint too.
 
 Values are encoded with cloudpickle at protocol 5 with out-of-band buffers: numpy arrays
 and pandas frames hand over their memory as separate chunks, which the store writes to
@@ -16,7 +16,6 @@ read into a fresh buffer.
 from __future__ import annotations
 
 import ast
-import hashlib
 import importlib
 import io
 import pickle
@@ -27,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, MutableMapping
 
 import cloudpickle
 
+from .fingerprint import is_opaque, value_digest
 from .store import Chunk, StoredVariable
 
 PICKLE = "pickle"
@@ -51,21 +51,66 @@ class Unstorable:
     reason: str
 
 
-def referenced_names(source: str) -> set[str]:
-    """Every bare name a cell's code mentions (read, written or deleted)."""
+def read_names(source: str) -> set[str]:
+    """The bare names a cell's code reads before it binds them itself.
+
+    `x + 1`, `x.append(1)`, `x[0] = 1` and `x += [1]` read `x`; in `x = 1; print(x)` or
+    `with open(p) as f: f.read()` the cell binds the name first, so what the name held
+    before the cell ran cannot matter. Only unconditional top-level bindings count as
+    binding first; anything else is taken as a read (the safe side).
+    """
     try:
         tree = ast.parse(source)
     except SyntaxError:
         return set()
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            names.add(node.id)
-        elif isinstance(node, (ast.Global, ast.Nonlocal)):
-            names.update(node.names)
-        elif isinstance(node, ast.alias):
-            names.add((node.asname or node.name).split(".")[0])
-    return names
+    bound: set[str] = set()
+    reads: set[str] = set()
+
+    def read_in(*nodes: ast.AST | None) -> None:
+        for node in nodes:
+            if node is None:
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.Name) and isinstance(inner.ctx, ast.Load) \
+                        and inner.id not in bound:
+                    reads.add(inner.id)
+                elif isinstance(inner, ast.AugAssign) and isinstance(inner.target, ast.Name) \
+                        and inner.target.id not in bound:
+                    reads.add(inner.target.id)
+
+    for statement in tree.body:
+        if isinstance(statement, (ast.Assign, ast.AnnAssign)):
+            read_in(statement.value, *(statement.targets if isinstance(statement, ast.Assign)
+                                       else [statement.target]))
+            targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+            bound.update(name.id for target in targets for name in ast.walk(target)
+                         if isinstance(name, ast.Name) and isinstance(name.ctx, ast.Store))
+        elif isinstance(statement, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in statement.names)
+        elif isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            read_in(*statement.decorator_list, *getattr(statement, "bases", []))
+            bound.add(statement.name)
+            # The globals the body uses are read when it is called; its own parameters and
+            # locals are not globals.
+            local = {name.id for node in statement.body for name in ast.walk(node)
+                     if isinstance(name, ast.Name) and isinstance(name.ctx, ast.Store)}
+            if not isinstance(statement, ast.ClassDef):
+                arguments = statement.args
+                local |= {argument.arg for argument in (*arguments.posonlyargs, *arguments.args,
+                                                        *arguments.kwonlyargs, arguments.vararg,
+                                                        arguments.kwarg) if argument is not None}
+            bound_before = set(bound)
+            bound |= local
+            read_in(*statement.body)
+            bound.intersection_update(bound_before | {statement.name})
+        elif isinstance(statement, ast.With):
+            read_in(*(item.context_expr for item in statement.items))
+            bound.update(name.id for item in statement.items if item.optional_vars is not None
+                         for name in ast.walk(item.optional_vars) if isinstance(name, ast.Name))
+            read_in(*statement.body)
+        else:
+            read_in(statement)
+    return reads
 
 
 def _globals_used_by(function: types.FunctionType, namespace: Mapping[str, Any],
@@ -88,48 +133,38 @@ def _globals_used_by(function: types.FunctionType, namespace: Mapping[str, Any],
     return found
 
 
-def reachable_names(source: str, namespace: Mapping[str, Any]) -> set[str]:
-    names = referenced_names(source)
+def input_names(source: str, namespace: Mapping[str, Any],
+                is_hidden: Callable[[str], bool]) -> set[str]:
+    """The existing variables a step can read: the names its code reads, and the globals
+    used by the notebook functions among them."""
+    names = {name for name in read_names(source) if name in namespace}
     seen: set[int] = set()
     for name in list(names):
-        value = namespace.get(name)
+        value = namespace[name]
         if isinstance(value, types.FunctionType):
             names |= _globals_used_by(value, namespace, seen)
-    return names
+    return {name for name in names if not is_hidden(name)}
 
 
-def content_digest(value: Any) -> bytes | None:
-    """A digest that changes when a mutable value changes in place; None if it cannot tell."""
-    digest = hashlib.blake2b(digest_size=16)
-
-    def take_buffer(buffer: pickle.PickleBuffer) -> bool:
-        try:
-            digest.update(buffer.raw())
-            return False
-        except BufferError:
-            return True  # not contiguous: let pickle put it in the stream
-
-    try:
-        digest.update(cloudpickle.dumps(value, protocol=5, buffer_callback=take_buffer))
-    except Exception:
-        return None
-    return digest.digest()
+def can_change_in_place(value: Any) -> bool:
+    return not isinstance(value, _IMMUTABLE)
 
 
 class NamespaceWatch:
-    """Taken before a step runs; `changes()` after it tells what the step did to the namespace."""
+    """Taken before a step runs; `changes()` after it tells what the step did to the namespace.
 
-    def __init__(self, namespace: Mapping[str, Any], reachable: Iterable[str],
+    `input_digests` are the digests of the values the step can read, taken before it ran;
+    a mutable one whose digest differs afterwards was changed in place.
+    """
+
+    def __init__(self, namespace: Mapping[str, Any], input_digests: Mapping[str, str],
                  is_hidden: Callable[[str], bool]) -> None:
         self._is_hidden = is_hidden
         # Hold the old objects: comparing ids alone would miss a rebinding that reuses a
         # freed object's address.
         self._before = {name: value for name, value in namespace.items() if not is_hidden(name)}
-        self._digests = {
-            name: content_digest(self._before[name])
-            for name in reachable
-            if name in self._before and not isinstance(self._before[name], _IMMUTABLE)
-        }
+        self._input_digests = dict(input_digests)
+        self.after_digests: dict[str, str] = {}
 
     def changes(self, namespace: Mapping[str, Any]) -> StateChange:
         changed = []
@@ -138,13 +173,20 @@ class NamespaceWatch:
                 continue
             if name not in self._before or self._before[name] is not value:
                 changed.append(name)
-            elif name in self._digests:
+                continue
+            before = self._input_digests.get(name)
+            if before is None:
+                continue
+            if not can_change_in_place(value) or is_opaque(before):
                 # An object that cannot be digested (a connection, a lock) is taken as
-                # unchanged: it could not be stored anyway, and warning on every step
-                # that merely uses it would be noise.
-                before = self._digests[name]
-                if before is not None and content_digest(value) != before:
-                    changed.append(name)
+                # unchanged: it could not be stored anyway, and warning on every step that
+                # merely uses it would be noise.
+                self.after_digests[name] = before
+                continue
+            after = value_digest(value)
+            self.after_digests[name] = after
+            if after != before:
+                changed.append(name)
         deleted = [name for name in self._before if name not in namespace]
         return StateChange(tuple(sorted(changed)), tuple(sorted(deleted)))
 
@@ -203,3 +245,48 @@ def apply(namespace: MutableMapping[str, Any], values: Mapping[str, Any],
     namespace.update(values)
     for name in deleted:
         namespace.pop(name, None)
+
+
+# Plain-cell code that can reach any variable without naming it.
+_REACHES_ANYTHING = re.compile(r"%run|\bexec\b|\beval\b|\bglobals\b|\bvars\b|user_ns|__dict__|"
+                               r"\bsetattr\b|%store|%autoreload|%load\b")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class KnownDigests:
+    """Digests of namespace values whose content is known, so a 1 GB array an earlier step
+    produced is not hashed again each time a later step reads it.
+
+    An entry holds for one object (checked by identity) until a plain cell could have
+    changed it: any cell whose text mentions the name, a notebook function that uses it,
+    or another name bound to the same object.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[int, str]] = {}
+
+    def get(self, name: str, value: Any) -> str | None:
+        entry = self._entries.get(name)
+        return entry[1] if entry is not None and entry[0] == id(value) else None
+
+    def remember(self, name: str, value: Any, digest: str) -> None:
+        self._entries[name] = (id(value), digest)
+
+    def forget_touched_by(self, cell_text: str, namespace: Mapping[str, Any]) -> None:
+        if not self._entries:
+            return
+        if _REACHES_ANYTHING.search(cell_text):
+            self._entries.clear()
+            return
+        names = {word for word in _IDENTIFIER.findall(cell_text) if word in namespace}
+        seen: set[int] = set()
+        for name in list(names):
+            if isinstance(namespace[name], types.FunctionType):
+                names |= _globals_used_by(namespace[name], namespace, seen)
+        touched_ids = {id(namespace[name]) for name in names if name in namespace}
+        for name in [name for name, (object_id, _) in self._entries.items()
+                     if name in names or object_id in touched_ids]:
+            del self._entries[name]
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -34,6 +34,9 @@ GC_GRACE_SECONDS = 3600.0
 
 COMPLETED = "completed"
 FAILED = "failed"
+# A completed step recorded after one that has since executed again: kept for inspection,
+# never replayed, executed when next reached.
+STALE = "stale"
 
 Chunk = bytes | bytearray | memoryview
 
@@ -67,6 +70,11 @@ class StepRecord:
     unrestorable: dict[str, str] = field(default_factory=dict)
     revision: int = 0
     superseded_at: datetime | None = None
+    inputs: dict[str, str] = field(default_factory=dict)  # name -> value digest
+    attempts: int = 1
+    attempt_errors: list[dict[str, Any]] = field(default_factory=list)
+    cell_id: str | None = None
+    output_digests: dict[str, str] = field(default_factory=dict)  # name -> digest it left
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,7 @@ class StoredVariable:
     codec: str
     type_name: str
     chunks: tuple[StoredChunk, ...]
+    content_digest: str | None = None  # fingerprint.value_digest of the value, when known
 
     @property
     def size_bytes(self) -> int:
@@ -178,11 +187,12 @@ class StepStore:
 
     def record_step(self, record: StepRecord, outputs: Sequence[StoredOutput],
                     variables: Sequence[StoredVariable], *,
-                    supersede_from: int | None = None) -> StepRecord:
+                    supersede_from: int | None = None, stale_after: int | None = None) -> StepRecord:
         """Commit a step's whole record atomically, replacing the live row at its position.
 
-        With `supersede_from`, live rows from that position on are first marked superseded
-        (kept, never replayed) in the same transaction.
+        In the same transaction, `supersede_from` first marks the live rows from that
+        position on superseded (out of the history), and `stale_after` marks the live rows
+        after that position stale (in the history, never replayed).
         """
         chunk_rows = [
             (variable.name, index, chunk_size, inline, blob)
@@ -192,7 +202,7 @@ class StepStore:
         self._snapshots.clear()
         with self.database.transaction() as connection:
             return self._record_step_txn(connection, record, outputs, variables, chunk_rows,
-                                         supersede_from)
+                                         supersede_from, stale_after)
 
     def delete_steps(self, workflow_id: str, from_sequence_number: int = 1) -> int:
         """Forget a workflow's steps from a position on (all revisions); returns how many."""
@@ -311,12 +321,13 @@ class StepStore:
             chunks.setdefault((sequence_number, revision, name), []).append(
                 data if blob is None else BlobReference(blob, size_bytes))
         variables: dict[tuple[int, int], list[StoredVariable]] = {}
-        for sequence_number, revision, name, codec, kind in connection.execute(
-                "SELECT t.sequence_number, t.revision, t.variable_name, t.codec, t.type_name "
+        for sequence_number, revision, name, codec, kind, digest in connection.execute(
+                "SELECT t.sequence_number, t.revision, t.variable_name, t.codec, t.type_name, "
+                "t.content_digest "
                 + live_completed.format(table="step_variables") + " ORDER BY t.sequence_number, "
                 "t.variable_name", [workflow_id]).fetchall():
             variables.setdefault((sequence_number, revision), []).append(StoredVariable(
-                name, codec, kind, tuple(chunks.get((sequence_number, revision, name), ()))))
+                name, codec, kind, tuple(chunks.get((sequence_number, revision, name), ())), digest))
         return _Snapshot(None, tuple(history), outputs, variables)
 
     @staticmethod
@@ -331,22 +342,27 @@ class StepStore:
     def _read_variables_txn(self, connection: Connection, record: StepRecord) -> list[StoredVariable]:
         key = [record.workflow_id, record.sequence_number, record.revision]
         variables = connection.execute(
-            "SELECT variable_name, codec, type_name FROM step_variables WHERE workflow_id = ? "
-            "AND sequence_number = ? AND revision = ? ORDER BY variable_name", key).fetchall()
-        chunks: dict[str, list[StoredChunk]] = {name: [] for name, _, _ in variables}
+            "SELECT variable_name, codec, type_name, content_digest FROM step_variables WHERE "
+            "workflow_id = ? AND sequence_number = ? AND revision = ? ORDER BY variable_name",
+            key).fetchall()
+        chunks: dict[str, list[StoredChunk]] = {name: [] for name, _, _, _ in variables}
         for name, size_bytes, data, blob in connection.execute(
                 "SELECT variable_name, size_bytes, data, blob_sha256 FROM variable_chunks "
                 "WHERE workflow_id = ? AND sequence_number = ? AND revision = ? "
                 "ORDER BY variable_name, chunk_index", key).fetchall():
             chunks[name].append(data if blob is None else BlobReference(blob, size_bytes))
-        return [StoredVariable(name, codec, type_name, tuple(chunks[name]))
-                for name, codec, type_name in variables]
+        return [StoredVariable(name, codec, type_name, tuple(chunks[name]), digest)
+                for name, codec, type_name, digest in variables]
 
     def _record_step_txn(self, connection: Connection, record: StepRecord,
                          outputs: Sequence[StoredOutput], variables: Sequence[StoredVariable],
                          chunk_rows: list[tuple[str, int, int, bytes | None, str | None]],
-                         supersede_from: int | None) -> StepRecord:
+                         supersede_from: int | None, stale_after: int | None) -> StepRecord:
         workflow_id, sequence_number = record.workflow_id, record.sequence_number
+        if stale_after is not None:
+            connection.execute(
+                "UPDATE steps SET status = 'stale' WHERE workflow_id = ? AND sequence_number > ? "
+                "AND superseded_at IS NULL", [workflow_id, stale_after])
         if supersede_from is not None:
             connection.execute(
                 "UPDATE steps SET superseded_at = ? WHERE workflow_id = ? AND "
@@ -365,11 +381,13 @@ class StepStore:
         connection.execute(
             "INSERT INTO steps (workflow_id, sequence_number, revision, step_name, status, "
             "code_fingerprint, code, reason, error, started_at, finished_at, duration_seconds, "
-            "state_bytes, unrestorable) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "state_bytes, unrestorable, inputs, attempts, attempt_errors, cell_id, output_digests) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [workflow_id, sequence_number, revision, stored.step_name, stored.status,
              stored.code_fingerprint, stored.code, stored.reason, stored.error, stored.started_at,
              stored.finished_at, stored.duration_seconds, stored.state_bytes,
-             json.dumps(stored.unrestorable)])
+             json.dumps(stored.unrestorable), json.dumps(stored.inputs), stored.attempts,
+             json.dumps(stored.attempt_errors), stored.cell_id, json.dumps(stored.output_digests)])
         key = [workflow_id, sequence_number, revision]
         if outputs:
             connection.executemany(
@@ -379,9 +397,10 @@ class StepStore:
                  for index, item in enumerate(outputs)])
         if variables:
             connection.executemany(
-                "INSERT INTO step_variables VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [key + [variable.name, variable.codec, variable.type_name, variable.size_bytes]
-                 for variable in variables])
+                "INSERT INTO step_variables (workflow_id, sequence_number, revision, variable_name, "
+                "codec, type_name, size_bytes, content_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [key + [variable.name, variable.codec, variable.type_name, variable.size_bytes,
+                        variable.content_digest] for variable in variables])
         if chunk_rows:
             connection.executemany("INSERT INTO variable_chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                    [key + list(row) for row in chunk_rows])
@@ -403,6 +422,42 @@ class StepStore:
             connection.execute(f"DELETE FROM {table} WHERE workflow_id = ? AND sequence_number >= ?",
                                [workflow_id, from_sequence_number])
         return int(count)
+
+
+    # -- compaction (durable-nb gc) ------------------------------------------------------
+
+    def compact(self) -> None:
+        """Rewrite the database file without the space that deleted rows left behind.
+
+        DuckDB reuses freed blocks but never shrinks its file, not even at CHECKPOINT; a
+        copy into a fresh file does. The copy is made under the store's lock and renamed
+        over the file while this process still holds both files, so no commit by another
+        process can fall in between (a waiting one then opens the new file).
+        """
+        fresh = self.path + ".compacting"
+        for leftover in (fresh, fresh + ".wal"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        self._snapshots.clear()
+        with self.database.connect() as connection:
+            self._compact_txn(connection, fresh)
+        _fsync_directory(os.path.dirname(self.path))
+
+    def _compact_txn(self, connection: Connection, fresh: str) -> None:
+        connection.execute("CHECKPOINT")
+        (name,) = connection.execute("SELECT current_database()").fetchone() or ("",)
+        quoted_name = '"' + str(name).replace('"', '""') + '"'
+        connection.execute("ATTACH '" + fresh.replace("'", "''") + "' AS durable_nb_compacted")
+        try:
+            connection.execute(f"COPY FROM DATABASE {quoted_name} TO durable_nb_compacted")
+            connection.execute("CHECKPOINT durable_nb_compacted")
+            os.replace(fresh, self.path)
+        except BaseException:
+            connection.execute("DETACH durable_nb_compacted")
+            for leftover in (fresh, fresh + ".wal"):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
+            raise
 
 
 @dataclass(frozen=True)
@@ -430,7 +485,8 @@ def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
 
 def _record_from_row(row: dict[str, Any]) -> StepRecord:
     row = dict(row)
-    row["unrestorable"] = json.loads(row["unrestorable"])
+    for column in ("unrestorable", "inputs", "attempt_errors", "output_digests"):
+        row[column] = json.loads(row[column])
     return StepRecord(**row)
 
 

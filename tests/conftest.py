@@ -39,16 +39,16 @@ class NotebookSession:
         self.shell.reset(new_session=True)
         self.start()
 
-    def run(self, cell: str) -> CellRun:
+    def run(self, cell: str, cell_id: str | None = None) -> CellRun:
         with capture_output() as captured:
-            result = self.shell.run_cell(cell, store_history=True)
+            result = self.shell.run_cell(cell, store_history=True, cell_id=cell_id)
         return CellRun(result.result, result.error_in_exec or result.error_before_exec,
                        captured.stdout, captured.stderr,
                        [{"data": output.data, "metadata": output.metadata}
                         for output in captured.outputs])
 
-    def ok(self, cell: str) -> CellRun:
-        run = self.run(cell)
+    def ok(self, cell: str, cell_id: str | None = None) -> CellRun:
+        run = self.run(cell, cell_id)
         if run.error is not None:
             raise AssertionError(f"cell failed: {run.error!r}\n{run.stdout}\n{run.stderr}")
         return run

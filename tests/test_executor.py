@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from durable_nb import Workflow
-from durable_nb.executor import decide
+from durable_nb.decision import decide
 from durable_nb.store import StepRecord
 
 
@@ -19,7 +19,7 @@ def history(*steps: tuple[str, str, str]) -> list[StepRecord]:
 
 
 def test_decide_replays_a_completed_step_with_the_same_code() -> None:
-    decision = decide(history(("a", "completed", "f1")), "a", "f1", 1)
+    decision = decide(history(("a", "completed", "f1")), "a", "f1", {}, 1)
     assert (decision.sequence_number, decision.replay) == (1, True)
 
 
@@ -27,23 +27,24 @@ def test_decide_replays_a_completed_step_with_the_same_code() -> None:
     ([], "a", "f1", "new step"),
     ([("a", "completed", "f1")], "a", "f2", "code changed"),
     ([("a", "failed", "f1")], "a", "f1", "previous attempt failed"),
-    ([("a", "completed", "f1")], "b", "f1", "history diverged: position 1 held step 'a'"),
+    ([("a", "completed", "f1")], "b", "f1", "history diverged at step 1: it held step 'a'"),
+    ([("a", "stale", "f1")], "a", "f1", "stale: an earlier step executed again"),
 ])
 def test_decide_executes_and_says_why(steps: list[tuple[str, str, str]], name: str,
                                       fingerprint: str, reason: str) -> None:
-    decision = decide(history(*steps), name, fingerprint, 1)
+    decision = decide(history(*steps), name, fingerprint, {}, 1)
     assert (decision.replay, decision.reason) == (False, reason)
 
 
 def test_decide_moves_the_clock_to_a_known_steps_position() -> None:
     steps = history(("a", "completed", "f"), ("b", "completed", "f"), ("c", "completed", "f"))
-    assert decide(steps, "c", "f", 1).sequence_number == 3
-    assert decide(steps, "a", "f", 4).sequence_number == 1
-    assert decide(steps, "d", "f", 4).sequence_number == 4
+    assert decide(steps, "c", "f", {}, 1).sequence_number == 3
+    assert decide(steps, "a", "f", {}, 4).sequence_number == 1
+    assert decide(steps, "d", "f", {}, 4).sequence_number == 4
 
 
 def test_divergence_supersedes_from_its_position() -> None:
-    decision = decide(history(("a", "completed", "f"), ("b", "completed", "f")), "x", "f", 2)
+    decision = decide(history(("a", "completed", "f"), ("b", "completed", "f")), "x", "f", {}, 2)
     assert (decision.sequence_number, decision.supersede_from) == (2, 2)
 
 
@@ -98,3 +99,15 @@ def test_a_failing_listener_never_breaks_a_step(tmp_path: Path) -> None:
     flow = Workflow("events", db=tmp_path / "s.duckdb")
     flow.executor.add_listener(lambda event: 1 / 0)
     assert flow.run_cell("a", "x = 41\nx + 1") == 42
+
+
+def test_changed_gone_and_opaque_inputs() -> None:
+    from dataclasses import replace
+    [recorded] = history(("a", "completed", "f"))
+    recorded = replace(recorded, inputs={"k": "d1", "conn": "type:sqlite3.Connection"},
+                       output_digests={"k": "d9"})
+    assert decide([recorded], "a", "f", {"k": "d1"}, 1).replay  # opaque input gone: no block
+    assert decide([recorded], "a", "f", {"k": "d9"}, 1).replay  # the step's own result
+    assert decide([recorded], "a", "f", {"k": "d2"}, 1).reason == "input 'k' changed"
+    assert decide([recorded], "a", "f", {}, 1).reason == "input 'k' is gone"
+    assert decide([recorded], "a", "f", {"k": "d1", "new": "d3"}, 1).replay

@@ -274,7 +274,7 @@ def test_new_step_at_an_occupied_position_supersedes_the_rest_of_the_history(
     assert [(s.sequence_number, s.step_name) for s in live] == [(1, "a"), (2, "inserted"), (3, "b"), (4, "c")]
     superseded = [s for s in session.store.all_steps("test-workflow") if s.superseded_at is not None]
     assert sorted(s.step_name for s in superseded) == ["b", "c"]
-    assert live[1].reason == "history diverged: position 2 held step 'b'"
+    assert live[1].reason == "history diverged at step 2: it held step 'b'"
 
 
 def test_running_a_later_step_first_after_restart_replays_it(session: NotebookSession, counter: Path) -> None:

@@ -1,0 +1,81 @@
+"""What a running step knows about itself, and the limits it runs under (timeout, retries)."""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import random
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from .errors import DurableError, NotInStepError, StepTimeoutError
+
+
+@dataclass(frozen=True)
+class StepContext:
+    workflow_id: str
+    sequence_number: int
+    step_name: str
+    attempt: int  # 1 for the first try, 2 for the first retry, ...
+
+    @property
+    def idempotency_key(self) -> str:
+        """The same for every execution of this step in this workflow (not per attempt), so an
+        API call made with it can be deduplicated when a crash makes the step run again."""
+        identity = f"{self.workflow_id}\0{self.sequence_number}\0{self.step_name}"
+        return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+_current: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar(
+    "durable_nb_current_step", default=None)
+
+
+def current_step() -> StepContext:
+    """The durable step whose code is running now (workflow, position, attempt, idempotency key)."""
+    context = _current.get()
+    if context is None:
+        raise NotInStepError()
+    return context
+
+
+@contextmanager
+def running(context: StepContext) -> Iterator[None]:
+    token = _current.set(context)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def backoff_delay(attempt: int, backoff: float, max_backoff: float) -> float:
+    """Exponential backoff with 'equal jitter': half the delay fixed, half random."""
+    delay = min(backoff * 2 ** (attempt - 1), max_backoff)
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+@contextmanager
+def deadline(step_name: str, timeout: float | None) -> Iterator[None]:
+    """Raise StepTimeoutError in the step's code once `timeout` seconds have passed.
+
+    SIGALRM interrupts blocking calls such as time.sleep and lands between bytecodes, which
+    is how a kernel's own interrupt works; it needs the main thread (where kernels run cells).
+    """
+    if timeout is None:
+        yield
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise DurableError("--timeout works only when the step runs in the main thread.")
+
+    def expire(signum: int, frame: Any) -> None:
+        raise StepTimeoutError(step_name, timeout)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
