@@ -176,3 +176,20 @@ def test_reset_removes_the_step_and_everything_after_it_in_that_workflow_only(tm
     with pytest.raises(UnknownStepError, match="no step 'zz'.*its steps: 'a'"):
         store.reset_steps("wf", "zz")
     assert store.reset_steps("wf") == 1 and store.live_steps("wf") == []
+
+
+def test_version_1_store_is_migrated_in_place_keeping_its_steps(tmp_path: Path) -> None:
+    from durable_nb import db
+
+    path = tmp_path / "old.duckdb"
+    with duckdb.connect(str(path)) as connection:
+        for statement in db._SCHEMA_V1:
+            connection.execute(statement)
+        connection.execute("INSERT INTO durable_nb_meta VALUES ('schema_version', '1')")
+        connection.execute(
+            "INSERT INTO steps VALUES ('wf', 1, 1, 'load', 'completed', 'fp', 'x = 1', 'new step', "
+            "NULL, TIMESTAMP '2026-01-01', TIMESTAMP '2026-01-01', 2.5, 10, '{}', NULL)")
+    [step] = StepStore(path).live_steps("wf")
+    assert (step.step_name, step.duration_seconds, step.attempts, step.inputs) == ("load", 2.5, 1, {})
+    with duckdb.connect(str(path)) as connection:
+        assert connection.execute("SELECT value FROM durable_nb_meta").fetchone() == (str(db.SCHEMA_VERSION),)
