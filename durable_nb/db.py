@@ -136,6 +136,12 @@ class Database:
         with self._thread_lock:
             connection = self._open_with_retry()
             try:
+                # Closing must not touch the files, so that a reader can tell from `stat`
+                # alone whether anyone wrote since it read (see file_state). DuckDB still
+                # checkpoints the WAL into the file when a commit takes it past the
+                # threshold, while the writer holds the lock.
+                connection.execute("PRAGMA disable_checkpoint_on_shutdown")
+                connection.execute("SET checkpoint_threshold = '4MB'")
                 self._ensure_schema(connection)
                 yield connection
             finally:
@@ -144,14 +150,8 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """One atomic unit of work: committed on a normal exit, rolled back on any exception."""
-        with self.connect() as connection:
-            connection.begin()
-            try:
-                yield connection
-            except BaseException:
-                connection.rollback()
-                raise
-            connection.commit()
+        with self.connect() as connection, atomic(connection):
+            yield connection
 
     def _open_with_retry(self) -> Connection:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -230,6 +230,18 @@ class Database:
         except BaseException:
             connection.rollback()
             raise
+
+
+@contextmanager
+def atomic(connection: Connection) -> Iterator[None]:
+    """A transaction on an open connection: committed on a normal exit, else rolled back."""
+    connection.begin()
+    try:
+        yield
+    except BaseException:
+        connection.rollback()
+        raise
+    connection.commit()
 
 
 def fetch_dicts(connection: Connection, query: str, parameters: Sequence[Any] = ()) -> list[dict[str, Any]]:

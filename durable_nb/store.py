@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
-from .db import Connection, Database, fetch_dicts
+from .db import Connection, Database, atomic, fetch_dicts
 from .errors import UnknownStepError
 
 log = logging.getLogger(__name__)
@@ -200,9 +200,17 @@ class StepStore:
             for index, (chunk_size, inline, blob) in enumerate(self._place_chunks(variable.chunks))
         ]
         self._snapshots.clear()
-        with self.database.transaction() as connection:
-            return self._record_step_txn(connection, record, outputs, variables, chunk_rows,
-                                         supersede_from, stale_after)
+        with self.database.connect() as connection:
+            with atomic(connection):
+                stored = self._record_step_txn(connection, record, outputs, variables,
+                                               chunk_rows, supersede_from, stale_after)
+            # Still holding the lock: nobody else can write, so what we read now is what the
+            # files hold, and the next step needs no connection of its own to find it.
+            snapshot = self._read_snapshot_txn(connection, record.workflow_id)
+            token = self.database.file_state()
+        if self.database.file_state() == token:
+            self._snapshots[record.workflow_id] = replace(snapshot, token=token)
+        return stored
 
     def delete_steps(self, workflow_id: str, from_sequence_number: int = 1) -> int:
         """Forget a workflow's steps from a position on (all revisions); returns how many."""

@@ -135,13 +135,27 @@ def test_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
         StepStore(path).live_steps("wf")
 
 
-def test_locked_store_stops_a_step_before_it_runs_and_keeps_the_history(tmp_path: Path) -> None:
+def test_failing_step_on_a_locked_store_keeps_its_own_error_and_the_history(tmp_path: Path) -> None:
     path = tmp_path / "s.duckdb"
     flow = Workflow("wf", db=path, lock_timeout=0.2)
     flow.run_cell("warm", "x = 1")
-    with lock_held_by_another_process(path), pytest.raises(StoreLockedError):
+    with lock_held_by_another_process(path), pytest.raises(KeyError) as caught:
         flow.run_cell("boom", "raise KeyError('mine')")
+    assert any("could not record this failure" in note and "locked" in note
+               for note in caught.value.__notes__)
     assert [s.step_name for s in flow.steps()] == ["warm"]
+
+
+def test_completed_step_on_a_locked_store_fails_the_cell_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    flow = Workflow("wf", db=path, lock_timeout=0.2)
+    flow.run_cell("warm", "x = 1")
+    with lock_held_by_another_process(path), pytest.raises(StoreLockedError, match=str(path)):
+        flow.run_cell("next", "y = 2")
+    flow.restart()
+    flow.run_cell("warm", "x = 1")
+    flow.run_cell("next", "y = 2")
+    assert [(s.step_name, s.status) for s in flow.steps()] == [("warm", "completed"), ("next", "completed")]
 
 
 def test_cached_history_sees_commits_from_another_store_handle(tmp_path: Path) -> None:
