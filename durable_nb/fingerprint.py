@@ -14,7 +14,7 @@ import hashlib
 import io
 import pickle
 import types
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 
@@ -42,22 +42,27 @@ def value_digest(value: Any) -> str:
     place, never copied into a pickle first.
     """
     digest = hashlib.sha256()
-
-    def take_buffer(buffer: pickle.PickleBuffer) -> bool:
-        try:
-            digest.update(buffer.raw())
-            return False
-        except BufferError:
-            return True
-
     stream = io.BytesIO()
     try:
-        _DigestPickler(stream, protocol=5, buffer_callback=take_buffer).dump(_canonical(value, set()))
+        _DigestPickler(stream, protocol=5, buffer_callback=out_of_band(digest.update)).dump(
+            _canonical(value, set()))
     except Exception:  # pickling fails in many library-specific ways
         kind = type(value)
         return f"{OPAQUE_PREFIX}{kind.__module__}.{kind.__qualname__}"
     digest.update(stream.getvalue())
     return digest.hexdigest()
+
+
+def out_of_band(take: Callable[[memoryview], Any]) -> Callable[[pickle.PickleBuffer], bool]:
+    """A pickle `buffer_callback` handing each contiguous buffer (an array's memory) to
+    `take` instead of copying it into the stream; others stay in the stream."""
+    def callback(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            take(buffer.raw())
+        except BufferError:
+            return True
+        return False
+    return callback
 
 
 def code_digest(code: types.CodeType) -> str:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, MutableMapping
 
 import cloudpickle
 
-from .fingerprint import is_opaque, value_digest
+from .fingerprint import is_opaque, out_of_band, value_digest
 from .store import Chunk, StoredVariable
 
 PICKLE = "pickle"
@@ -212,16 +212,8 @@ def encode(name: str, value: Any) -> StoredVariable | Unstorable:
         # Restored as an import: a module object itself is never worth pickling.
         return StoredVariable(name, MODULE, "module", (value.__name__.encode(),))
     buffers: list[Chunk] = []
-
-    def take_buffer(buffer: pickle.PickleBuffer) -> bool:
-        try:
-            buffers.append(buffer.raw())
-            return False
-        except BufferError:
-            return True
-
     try:
-        stream = cloudpickle.dumps(value, protocol=5, buffer_callback=take_buffer)
+        stream = cloudpickle.dumps(value, protocol=5, buffer_callback=out_of_band(buffers.append))
     except Exception as exc:  # pickling fails in many library-specific ways
         return Unstorable(name, f"{type(exc).__name__}: {exc}")
     return StoredVariable(name, PICKLE, type_name(value), (stream, *buffers))
