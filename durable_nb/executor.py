@@ -176,7 +176,7 @@ class DurableExecutor:
             try:
                 return self._replay(decision.record, decision.reason)
             except RestoreError as exc:
-                warnings.warn(str(exc), DurableWarning, stacklevel=2)
+                _warn(step_name, str(exc))
                 decision = replace(decision, replay=False, reason=f"replay failed: {exc}")
         return self._execute(workflow_id, step_name, source, transformed, inputs, decision,
                              options)
@@ -230,11 +230,10 @@ class DurableExecutor:
                                              variable.content_digest)
         result = self._show(outputs)
         if record.unrestorable:
-            warnings.warn(
-                f"Step {record.step_name!r} replayed without {_names(record.unrestorable)}: "
-                "they could not be stored when it executed. Create them in a plain cell "
-                "(not a durable step), or run the step with --force to execute it again.",
-                DurableWarning, stacklevel=3)
+            _warn(record.step_name,
+                  f"Step {record.step_name!r} replayed without {_names(record.unrestorable)}: "
+                  "they could not be stored when it executed. Create them in a plain cell "
+                  "(not a durable step), or run the step with --force to execute it again.")
         seconds = time.perf_counter() - started
         log.info("Replayed step %r (#%d) in %.1f ms", record.step_name, record.sequence_number,
                  seconds * 1000)
@@ -326,11 +325,10 @@ class DurableExecutor:
                              completed.attempts))
         if unstorable:
             details = "; ".join(f"{item.name!r} ({item.reason})" for item in unstorable)
-            warnings.warn(
-                f"Step {step_name!r} completed, but these variables cannot be stored and will "
-                f"be missing when it replays: {details}. Create such objects in a plain cell "
-                f"(not a durable step), or leave them out with --exclude NAME.",
-                DurableWarning, stacklevel=3)
+            _warn(step_name,
+                  f"Step {step_name!r} completed, but these variables cannot be stored and will "
+                  f"be missing when it replays: {details}. Create such objects in a plain cell "
+                  f"(not a durable step), or leave them out with --exclude NAME.")
         return value
 
     @staticmethod
@@ -370,6 +368,13 @@ class DurableExecutor:
                 self._known_digests.remember(name, namespace[name], digest)
         stored.extend(state.deletion(name) for name in deleted if name not in options.exclude)
         return stored, unstorable
+
+
+def _warn(step_name: str, message: str) -> None:
+    # Attributed to the step rather than to a line of durable_nb's own code: the text is
+    # the same on every machine, and nothing of the package's source is echoed.
+    warnings.warn_explicit(message, DurableWarning, filename=f"%%durable_step {step_name}",
+                           lineno=1, module="durable_nb")
 
 
 def _names(names: Any) -> str:

@@ -3,8 +3,7 @@
 A completed step replays only when both match what was recorded, so neither may change
 for reasons a user would not call a change: the code fingerprint is taken from the syntax
 tree (whitespace and comments do not count), and value digests must be equal across
-kernel processes (set order follows string hashing, which is randomised per process; a
-notebook function's pickle carries its cell's file name, which names the kernel's pid).
+kernel processes, and for a value and its copy restored from the store (see value_digest).
 """
 
 from __future__ import annotations
@@ -13,6 +12,8 @@ import ast
 import hashlib
 import io
 import pickle
+import pickletools
+import sys
 import types
 from typing import Any, Callable
 
@@ -36,20 +37,40 @@ def is_opaque(digest: str) -> bool:
 
 
 def value_digest(value: Any) -> str:
-    """A content digest, stable across processes; `type:...` when the value cannot be hashed.
+    """A content digest, equal in any kernel process and for a value's restored copy;
+    `type:module.Class` when the value cannot be pickled (a connection, a lock).
 
-    numpy arrays, pandas frames and other protocol-5 objects have their memory hashed in
-    place, never copied into a pickle first.
+    SHA-256 over a cloudpickle (protocol 5) of the value, with these parts made stable:
+    - notebook functions and classes count by their code (`code_digest`), not by the
+      kernel-specific file IPython compiles a cell in, nor by cloudpickle's class ids;
+    - a set counts by its members' digests, sorted (its order follows string hashing,
+      which is randomised per process);
+    - a numpy array counts by dtype, shape and contents (not memory layout), its memory
+      hashed in place, never copied into the pickle; a masked array by data, mask and fill;
+    - which equal parts are one object does not count (a restored copy shares strings and
+      dtypes differently): the pickle is written without its memo, except for a value with
+      a cycle, where only strings are written in full.
     """
     digest = hashlib.sha256()
     stream = io.BytesIO()
+    pickler = _DigestPickler(stream, protocol=5, buffer_callback=out_of_band(digest.update))
+    pickler.fast = True  # no memo: each part is written in full wherever it occurs
     try:
-        _DigestPickler(stream, protocol=5, buffer_callback=out_of_band(digest.update)).dump(
-            _canonical(value, set()))
+        try:
+            pickler.dump(value)
+        except (ValueError, pickle.PicklingError, RecursionError) as exc:
+            # Fast mode refuses a cycle of containers, and recurses without end through a
+            # cycle of reduced objects (a method's `__class__` cell refers back to its class).
+            if "cyclic" not in str(exc) and "recursion" not in str(exc):
+                raise
+            digest, stream = hashlib.sha256(), io.BytesIO()
+            _DigestPickler(stream, protocol=5, buffer_callback=out_of_band(digest.update)).dump(value)
+            _hash_with_strings_in_full(stream.getvalue(), digest)
+        else:
+            digest.update(stream.getvalue())
     except Exception:  # pickling fails in many library-specific ways
         kind = type(value)
         return f"{OPAQUE_PREFIX}{kind.__module__}.{kind.__qualname__}"
-    digest.update(stream.getvalue())
     return digest.hexdigest()
 
 
@@ -77,51 +98,82 @@ def code_digest(code: types.CodeType) -> str:
     return digest.hexdigest()
 
 
-_SCALARS = (str, int, float, bytes, bool, type(None), complex)
+_STRINGS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINBYTES",
+                      "BINBYTES", "BINBYTES8", "SHORT_BINSTRING", "BINSTRING", "STRING"})
+_MEMO_WRITES = frozenset({"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"})
+_MEMO_READS = frozenset({"GET", "BINGET", "LONG_BINGET"})
 
 
-def _canonical(value: Any, seen: set[int]) -> Any:
-    """The value with every set in its builtin containers replaced by a sorted list.
-
-    The pickler does not consult `reducer_override` for sets, and a set's pickle follows
-    its iteration order, which for strings changes from one process to the next. Returns
-    the value itself (no copy) when it holds no set.
-    """
-    kind = type(value)
-    if kind in _SCALARS or id(value) in seen:
-        return value
-    if kind is set or kind is frozenset:
-        return ("set", sorted((_canonical(item, seen) for item in value), key=value_digest))
-    if kind is list or kind is tuple:
-        seen.add(id(value))
-        items = [_canonical(item, seen) for item in value]
-        if any(new is not old for new, old in zip(items, value)):
-            return kind(items)
-        return value
-    if kind is dict:
-        seen.add(id(value))
-        pairs = [(_canonical(key, seen), _canonical(item, seen)) for key, item in value.items()]
-        if any(new_key is not key or new is not old
-               for (new_key, new), (key, old) in zip(pairs, value.items())):
-            return ("dict", pairs)
-        return value
-    return value
+def _stand_in(*fields: Any) -> None:
+    """What a value is reduced to in a digest pickle (which is hashed, never loaded)."""
 
 
-def _stable(*parts: Any) -> None:
-    """Stands in for an object in a digest pickle; never called (digests are never loaded)."""
+def _closure_contents(function: types.FunctionType) -> tuple[Any, ...]:
+    contents = []
+    for cell in function.__closure__ or ():
+        try:
+            contents.append(cell.cell_contents)
+        except ValueError:  # a closure variable not assigned yet
+            contents.append(_stand_in)
+    return tuple(contents)
+
+
+def _reduce_notebook_code(obj: Any) -> Any:
+    if isinstance(obj, types.FunctionType):
+        return _stand_in, ("function", obj.__qualname__, code_digest(obj.__code__),
+                           obj.__defaults__, obj.__kwdefaults__, _closure_contents(obj))
+    attributes = sorted((name, value) for name, value in vars(obj).items()
+                        if name not in ("__dict__", "__weakref__"))
+    # The attributes go in the state: a method can refer back to its class, and pickle
+    # memoizes the class before it saves the state.
+    return _stand_in, ("class", obj.__qualname__, obj.__bases__), attributes
+
+
+def _reduce_array(obj: Any, numpy: Any) -> Any:
+    if type(obj) is numpy.ndarray:
+        data = obj.ravel().tolist() if obj.dtype.hasobject \
+            else pickle.PickleBuffer(numpy.ascontiguousarray(obj))
+        return _stand_in, ("ndarray", obj.dtype, obj.shape, data)
+    masked = numpy.ma
+    # Read the fill value without filling it in: the `fill_value` property would change
+    # the user's object.
+    fill = obj._fill_value if obj._fill_value is not None else masked.default_fill_value(obj)
+    return _stand_in, ("masked array", type(obj), masked.getdata(obj), masked.getmaskarray(obj),
+                       numpy.asarray(fill).tolist())
 
 
 class _DigestPickler(cloudpickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
-        kind = type(obj)
-        if kind is types.FunctionType and obj.__module__ == "__main__":
-            return _stable, ("function", obj.__qualname__, code_digest(obj.__code__),
-                             obj.__defaults__, obj.__kwdefaults__)
-        if isinstance(obj, type) and obj.__module__ == "__main__":
-            return _stable, ("class", obj.__qualname__, tuple(obj.__bases__),
-                             tuple(sorted((name, value) for name, value in vars(obj).items()
-                                          if not name.startswith("__"))))
-        if kind is types.ModuleType:
-            return _stable, ("module", obj.__name__)
+        if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
+            return _reduce_notebook_code(obj)
+        numpy, masked = sys.modules.get("numpy"), sys.modules.get("numpy.ma")
+        if numpy is not None and (type(obj) is numpy.ndarray
+                                  or (masked is not None and isinstance(obj, masked.MaskedArray))):
+            return _reduce_array(obj, numpy)
         return super().reducer_override(obj)
+
+    def persistent_id(self, obj: Any) -> Any:
+        if type(obj) in (set, frozenset):  # pickle saves these itself, past reducer_override
+            return ("set", sorted(value_digest(member) for member in obj))
+        return None
+
+
+def _hash_with_strings_in_full(stream: bytes, digest: Any) -> None:
+    """Hash a pickle's opcodes, each memo reference to a string replaced by the string."""
+    memo: dict[Any, Any] = {}
+    others = 0  # references to anything else keep a number, counted among themselves
+    previous: tuple[str, Any] = ("", None)
+    for opcode, argument, _ in pickletools.genops(stream):
+        name = opcode.name
+        if name in _MEMO_WRITES:
+            key = len(memo) if name == "MEMOIZE" else argument
+            if previous[0] in _STRINGS:
+                memo[key] = previous
+                continue
+            memo[key] = ("GET", others)
+            others += 1
+        if name in _MEMO_READS:
+            digest.update(repr(memo[argument]).encode())
+        elif name != "FRAME":  # a frame only says how long the next stretch of bytes is
+            digest.update(repr((name, argument)).encode())
+        previous = (name, argument)

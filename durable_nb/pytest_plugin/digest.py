@@ -1,0 +1,57 @@
+"""Runs inside the notebook's kernel: describe variables so that two runs can be compared.
+
+Two values are the same when their digests are: `durable_nb.fingerprint.value_digest`, the
+rule the executor fingerprints a step's inputs with (stable across kernel processes and for a
+value's restored copy). Only the standard library and durable_nb's fingerprint module are
+imported here: this module is imported by the kernel, which need not have pytest.
+"""
+
+from __future__ import annotations
+
+import json
+import reprlib
+from typing import Any, Iterable, Mapping
+
+from ..fingerprint import is_opaque, value_digest
+
+MISSING = "<not defined>"
+MAX_PARTS = 50
+_summaries = reprlib.Repr()
+_summaries.maxstring = 80
+_summaries.maxother = 80
+
+
+def _summary_and_digest(value: Any) -> dict[str, str]:
+    try:
+        summary = _summaries.repr(value)
+    except Exception as exc:  # a broken __repr__ must not hide the comparison
+        summary = f"<repr failed: {type(exc).__name__}>"
+    digest = value_digest(value)
+    if is_opaque(digest):
+        digest = f"unpicklable ({digest})"
+    return {"summary": summary, "digest": digest}
+
+
+def _parts(value: Any) -> dict[str, Any]:
+    """A dict's items, or the attributes of an instance of a notebook class: when the value
+    differs, the report says which of them do."""
+    if isinstance(value, dict) and len(value) <= MAX_PARTS:
+        return {f"[{key!r}]": item for key, item in value.items()}
+    if type(value).__module__ == "__main__" and isinstance(getattr(value, "__dict__", None), dict) \
+            and len(vars(value)) <= MAX_PARTS:
+        return {f".{name}": item for name, item in vars(value).items()}
+    return {}
+
+
+def describe(value: Any) -> dict[str, Any]:
+    kind = type(value)
+    return {"type": f"{kind.__module__}.{kind.__qualname__}", **_summary_and_digest(value),
+            "parts": {label: _summary_and_digest(part) for label, part in _parts(value).items()}}
+
+
+def describe_variables(namespace: Mapping[str, Any], names: Iterable[str]) -> str:
+    """JSON {name: {type, summary, digest, parts}} for each name; an undefined name says so."""
+    described = {name: describe(namespace[name]) if name in namespace
+                 else {"type": MISSING, "summary": MISSING, "digest": MISSING, "parts": {}}
+                 for name in names}
+    return json.dumps(described)

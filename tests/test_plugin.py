@@ -1,0 +1,174 @@
+"""pytest --durable-replay on the sample notebooks in tests/samples, run by pytester in real kernels.
+
+Each sample is named as nbval names its own: test-NAME-pass replays faithfully (and relies
+on every nbval marker it carries: a skipped cell would raise, an ignored one prints the
+time), test-NAME-fail fails the check for one reason, which the report must name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pandas as pd
+import pytest
+
+from durable_nb.pytest_plugin.digest import describe_variables, value_digest
+from durable_nb.pytest_plugin.markers import CellOptions, cell_options
+from durable_nb.pytest_plugin.runs import point_at_store
+
+pytest_plugins = ["pytester"]
+
+SAMPLES = Path(__file__).parent / "samples"
+
+# What each failing sample's report must say (substrings of the pytest output).
+FAILURES = {
+    "test-executed-step-fail": [
+        "Cell 2 (%%durable_step load-{run_tag}): step 'load-",
+        "executed on the replay run instead of replaying: a completed record was there to replay.",
+    ],
+    "test-hidden-side-effect-fail": [
+        "Cell 2 (import os): outputs differ between the executed run and the replay run:",
+        "-[stdout] currency: EUR rate: 1.08",
+        "+[stdout] currency: None rate: 1.08",
+    ],
+    "test-restored-value-fail": [
+        "Cell 1 (%%durable_step connect): variable 'client' (recorded by step 'connect') differs "
+        "after this cell on the replay run:",
+        "client.token: '",
+    ],
+    "test-unmarked-error-fail": [
+        "Cell 2 (print(row_count)): the executed run stopped here: it raised NameError: name "
+        "'row_count' is not defined. If the cell is meant to raise, mark it with "
+        "`# NBVAL_RAISES_EXCEPTION`",
+    ],
+}
+
+
+def run_check(pytester: pytest.Pytester, sample: str, *options: str) -> pytest.RunResult:
+    shutil.copy(SAMPLES / f"{sample}.ipynb", pytester.path)
+    return pytester.runpytest("-p", "no:cacheprovider", *options, f"{sample}.ipynb")
+
+
+def test_every_sample_is_checked_here() -> None:
+    samples = {path.stem for path in SAMPLES.glob("*.ipynb")}
+    assert samples == {*FAILURES, "test-replay-pass", "test-global-state-fail"}
+
+
+def test_faithful_notebook_passes_and_leaves_no_store_behind(pytester: pytest.Pytester) -> None:
+    result = run_check(pytester, "test-replay-pass", "--durable-replay")
+    result.assert_outcomes(passed=1)
+    # The notebook names `--db sample.duckdb`: the check points it at its private store,
+    # in the run's base temporary folder (pytester's sits beside its folder), then removes it.
+    assert not list(pytester.path.rglob("*.duckdb*"))
+    assert not list(pytester.path.parent.glob("basetemp/durable-replay-test-replay-pass-*"))
+
+
+@pytest.mark.parametrize("sample", sorted(FAILURES))
+def test_failing_sample_fails_with_a_report_that_names_the_reason(
+        pytester: pytest.Pytester, sample: str) -> None:
+    result = run_check(pytester, sample, "--durable-replay")
+    result.assert_outcomes(failed=1)
+    output = result.stdout.str()
+    for expected in FAILURES[sample]:
+        assert expected in output, f"{expected!r} is not in the report:\n{output}"
+    kept = Path(re.search(r"The private stores are kept in (\S+) ", output).group(1))  # type: ignore[union-attr]
+    assert kept.parent == pytester.path.parent / "basetemp"
+    assert (kept / "executed.duckdb").is_file()
+
+
+@pytest.mark.parametrize("crash_after", ["1", "enrich"])
+def test_resumed_run_after_a_crash_equals_an_uninterrupted_run(
+        pytester: pytest.Pytester, crash_after: str) -> None:
+    result = run_check(pytester, "test-replay-pass", "--durable-crash-after", crash_after, "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines([f"*test-replay-pass.ipynb::replay PASSED*",
+                                 f"*test-replay-pass.ipynb::resume-after-step-{crash_after} PASSED*"])
+
+
+def test_process_state_lost_in_a_crash_fails_the_resume_check_only(pytester: pytest.Pytester) -> None:
+    result = run_check(pytester, "test-global-state-fail", "--durable-crash-after", "1", "-v")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*test-global-state-fail.ipynb::replay PASSED*",
+        "*test-global-state-fail.ipynb::resume-after-step-1 FAILED*",
+        "*after a crash at step 1, the resumed run does not equal an uninterrupted run.",
+        "Cell 2 (%%durable_step sample): outputs differ between the uninterrupted run and the "
+        "resumed run:",
+        "Cell 2 (%%durable_step sample): variable 'batch' (recorded by step 'sample') differs "
+        "after this cell on the resumed run:",
+    ])
+
+
+def test_crash_point_the_notebook_does_not_have_skips_the_resume_check(
+        pytester: pytest.Pytester) -> None:
+    result = run_check(pytester, "test-replay-pass", "--durable-crash-after", "9", "-k", "resume",
+                       "-rs")
+    result.assert_outcomes(skipped=1, deselected=1)
+    result.stdout.fnmatch_lines(["*--durable-crash-after 9: this notebook has 3 durable step(s) "
+                                 "and none by that number or name"])
+
+
+def test_notebooks_are_not_collected_without_the_option(pytester: pytest.Pytester) -> None:
+    shutil.copy(SAMPLES / "test-replay-pass.ipynb", pytester.path)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+
+
+def test_comment_markers_win_over_tags_as_in_nbval() -> None:
+    source = "%%durable_step train\n# NBVAL_CHECK_OUTPUT\n  #  NBVAL_RAISES_EXCEPTION\nfit()"
+    options = cell_options(source, {"tags": ["nbval-ignore-output", "nbval-skip"]})
+    assert options == CellOptions(check_output=True, skip=True, raises=True)
+    assert cell_options("print('# NBVAL_SKIP')", {"tags": "not a list"}) == CellOptions()
+
+
+def test_only_the_store_option_of_durable_workflow_is_rewritten() -> None:
+    source = "%load_ext durable_nb\n%durable_workflow sales --db='my store.duckdb'\nprint('--db')"
+    assert point_at_store(source, "/tmp/private store.duckdb").splitlines() == [
+        "%load_ext durable_nb", "%durable_workflow sales --db '/tmp/private store.duckdb'",
+        "print('--db')"]
+    assert point_at_store("%durable_workflow sales", "/tmp/x.duckdb") == "%durable_workflow sales"
+
+
+def test_variables_are_described_with_their_parts_and_missing_ones_say_so() -> None:
+    described = json.loads(describe_variables({"config": {"rate": 1.08, "currency": "EUR"}},
+                                              ["config", "gone"]))
+    assert described["config"]["type"] == "builtins.dict"
+    assert described["config"]["parts"]["['rate']"]["summary"] == "1.08"
+    assert described["config"]["parts"]["['rate']"]["digest"] == value_digest(1.08)
+    assert described["gone"]["digest"] == "<not defined>"
+
+
+def test_a_value_and_its_restored_copy_have_one_digest() -> None:
+    grid = np.arange(12.0).reshape(3, 4)
+    value = {"series": pd.Series([0.1, 0.5], index=["alcohol", "hue"]),  # shares strings
+             "column": grid[:, 1],                                      # a strided view
+             "scores": np.ma.masked_array([1, 2, 3], mask=[False, True, False]),    # fill value unset
+             "tags": {"plum", "apple", "pear"}}
+    restored = cloudpickle.loads(cloudpickle.dumps(value, protocol=5))
+    assert value_digest(restored) == value_digest(value)
+    restored["column"][0] = -1.0
+    assert value_digest(restored) != value_digest(value)
+
+
+def test_a_value_with_a_cycle_has_a_digest_too() -> None:
+    loop: list[object] = ["a", "b"]
+    loop.append(loop)
+    assert value_digest(cloudpickle.loads(cloudpickle.dumps(loop))) == value_digest(loop)
+    assert value_digest(loop[:2]) != value_digest(loop)
+
+
+def test_notebook_functions_compare_by_code_not_by_the_file_they_were_compiled_in() -> None:
+    def define(source: str, filename: str) -> object:
+        namespace = {"__name__": "__main__"}
+        exec(compile(source, filename, "exec"), namespace)
+        return namespace["scale"]
+
+    source = "def scale(values, factor=2):\n    return [value * factor for value in values]\n"
+    digest = value_digest(define(source, "/tmp/ipykernel_101/1.py"))
+    assert value_digest(define(source, "/tmp/ipykernel_202/7.py")) == digest
+    assert value_digest(define(source.replace("factor=2", "factor=3"), "/tmp/a.py")) != digest
