@@ -3,37 +3,49 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import shutil
 import sys
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import DurableError
 
+if TYPE_CHECKING:
+    from .store import StepRecord, StepStore
 
-def _print_event(message: str, event: object | None) -> None:
-    from .runner import StepOutcome
+EXPORT_FORMAT_VERSION = 1
 
-    if isinstance(event, StepOutcome):
-        detail = f"{event.seconds:6.2f} s"
-        if event.outcome == "replayed" and event.saved_seconds:
-            detail += f"  (saved {event.saved_seconds:.1f} s)"
-        print(f"  {event.step_name:<24} {event.outcome:<9} {detail}", flush=True)
-    else:
-        print(message, flush=True)
 
+class UnknownWorkflowError(DurableError):
+    def __init__(self, path: str, workflow_id: str, known: list[str]) -> None:
+        self.workflow_id = workflow_id
+        names = ", ".join(repr(name) for name in known) or "none"
+        super().__init__(f"No workflow {workflow_id!r} in {path} (its workflows: {names}). "
+                         "`durable-nb list` shows them; pass --db PATH for another store.")
+
+
+# -- run --------------------------------------------------------------------------------
 
 def command_run(arguments: argparse.Namespace) -> int:
     import nbformat
 
+    from .progress import RunProgress
     from .runner import NotebookRunner
 
     runner = NotebookRunner(arguments.notebook, workflow=arguments.workflow, db=arguments.db,
-                            max_restarts=arguments.max_restarts, cell_timeout=arguments.timeout,
-                            on_event=_print_event)
-    result = runner.run()
+                            max_restarts=arguments.max_restarts, cell_timeout=arguments.timeout)
+    live = {"live": True, "plain": False}.get(arguments.progress, sys.stdout.isatty())
+    progress = RunProgress(sys.stdout, runner.step_count, live=live)
+    runner.on_event = progress
+    try:
+        result = runner.run()
+    finally:
+        progress.close()
     replayed = [e for e in result.events if e.outcome == "replayed" and e.attempt == result.attempts]
     executed = [e for e in result.events if e.outcome == "executed"]
     saved = sum(e.saved_seconds for e in replayed)
@@ -52,10 +64,11 @@ def command_demo(arguments: argparse.Namespace) -> int:
         notebook = Path(scratch) / source.name
         shutil.copy(source, notebook)
         os.environ["QUICKSTART_CRASH"] = "1"
-        print(f"The quickstart notebook crashes its kernel in step-3 on the first run; "
-              f"durable-nb run restarts it and completed steps replay.\n")
+        print("The quickstart notebook crashes its kernel in step-3 on the first run; "
+              "durable-nb run restarts it and completed steps replay.\n")
         run = argparse.Namespace(notebook=str(notebook), workflow=None, db=None,
-                                 max_restarts=2, timeout=None, output=arguments.output)
+                                 max_restarts=2, timeout=None, output=arguments.output,
+                                 progress=arguments.progress)
         return command_run(run)
 
 
@@ -68,10 +81,12 @@ def _quickstart_path() -> Path:
     raise DurableError("The quickstart notebook is not installed with this copy of durable_nb.")
 
 
-def command_list(arguments: argparse.Namespace) -> int:
-    from .store import StepStore
+# -- looking at a store -----------------------------------------------------------------
 
-    store = StepStore(_store_path(arguments.db))
+def command_list(arguments: argparse.Namespace) -> int:
+    from .status import format_bytes
+
+    store = _open_store(arguments)
     summaries = store.list_workflows()
     if not summaries:
         print(f"no workflows in {store.path}")
@@ -79,67 +94,178 @@ def command_list(arguments: argparse.Namespace) -> int:
     print(f"{'workflow':<40} {'steps':>5} {'done':>5} {'state':>10}  last activity (UTC)")
     for summary in summaries:
         print(f"{summary.workflow_id:<40} {summary.steps:>5} {summary.completed:>5} "
-              f"{_size(summary.state_bytes):>10}  {summary.last_activity:%Y-%m-%d %H:%M:%S}")
+              f"{format_bytes(summary.state_bytes):>10}  {summary.last_activity:%Y-%m-%d %H:%M:%S}")
     return 0
 
 
 def command_status(arguments: argparse.Namespace) -> int:
-    from .store import StepStore
+    from . import status
 
-    store = StepStore(_store_path(arguments.db))
-    steps = store.live_steps(arguments.workflow)
-    if not steps:
-        known = ", ".join(s.workflow_id for s in store.list_workflows()) or "none"
-        raise DurableError(f"No workflow {arguments.workflow!r} in {store.path} (known: {known}).")
-    print(f"{'#':>3} {'step':<24} {'status':<10} {'took':>9} {'state':>10}  reason")
-    for step in steps:
-        print(f"{step.sequence_number:>3} {step.step_name:<24} {step.status:<10} "
-              f"{step.duration_seconds:>8.2f}s {_size(step.state_bytes):>10}  {step.reason}")
+    store = _open_store(arguments)
+    rows = status.stored_rows(_require_workflow(store, arguments.workflow))
+    print(f"workflow {arguments.workflow} in {store.path}")
+    print(status.summarize(rows))
+    print(status.render_text(rows))
     return 0
 
 
-def _store_path(db: str | None) -> str:
+def command_export(arguments: argparse.Namespace) -> int:
+    store = _open_store(arguments)
+    records = _require_workflow(store, arguments.workflow)
+    if arguments.include_superseded:
+        records = store.all_steps(arguments.workflow)
+    document = {
+        "format": "durable_nb workflow export", "format_version": EXPORT_FORMAT_VERSION,
+        "store": store.path, "workflow_id": arguments.workflow,
+        "exported_at": datetime.now(timezone.utc).isoformat(),
+        "steps": [_exported_step(store, record) for record in records],
+    }
+    text = json.dumps(document, indent=1, default=_json_value, ensure_ascii=False) + "\n"
+    if arguments.output:
+        Path(arguments.output).write_text(text, encoding="utf-8")
+        print(f"wrote {len(records)} step(s) of {arguments.workflow!r} to {arguments.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _exported_step(store: StepStore, record: StepRecord) -> dict[str, Any]:
+    """A step as plain JSON: its record, its outputs (nbformat) and what it stored. The
+    stored values themselves are pickles, readable only with the notebook's code: left out."""
+    outputs, variables = store.read_step(record)
+    return {
+        **dataclasses.asdict(record),
+        "outputs": [item.output for item in outputs],
+        "variables": [{"name": v.name, "codec": v.codec, "type_name": v.type_name,
+                       "size_bytes": v.size_bytes} for v in variables],
+    }
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, datetime):  # the store keeps UTC without a zone
+        return value.replace(tzinfo=timezone.utc).isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# -- changing a store -------------------------------------------------------------------
+
+def command_reset(arguments: argparse.Namespace) -> int:
+    if (arguments.step is None) == (not arguments.all):
+        raise DurableError("reset takes a STEP (that step and the ones after it) or --all, "
+                           "not both and not neither.")
+    store = _open_store(arguments)
+    _require_workflow(store, arguments.workflow)
+    removed = store.reset_steps(arguments.workflow, arguments.step)
+    which = f"step {arguments.step!r} and the steps after it" if arguments.step else "every step"
+    print(f"reset {which} of workflow {arguments.workflow!r}: {removed} record(s) forgotten; "
+          "they execute when the notebook next runs.")
+    return 0
+
+
+def command_gc(arguments: argparse.Namespace) -> int:
+    from .status import format_bytes
+
+    store = _open_store(arguments)
+    payloads_before = _payload_bytes(store)
+    removed = store.gc() if arguments.grace is None else store.gc(grace_seconds=arguments.grace)
+    payloads_after = _payload_bytes(store)
+    database_before, database_after = store.compact()
+    print(f"{store.path}:")
+    print(f"  payload files  {format_bytes(payloads_before):>10} -> {format_bytes(payloads_after):>10}"
+          f"   {removed} unreferenced file(s) removed")
+    print(f"  database file  {format_bytes(database_before):>10} -> {format_bytes(database_after):>10}"
+          + ("   compacted" if database_after < database_before else "   already compact"))
+    before, after = payloads_before + database_before, payloads_after + database_after
+    print(f"  total          {format_bytes(before):>10} -> {format_bytes(after):>10}"
+          f"   ({before} -> {after} bytes)")
+    return 0
+
+
+def _payload_bytes(store: StepStore) -> int:
+    return sum(os.path.getsize(os.path.join(directory, name))
+               for directory, _, names in os.walk(store.blob_dir) for name in names)
+
+
+# -- shared -----------------------------------------------------------------------------
+
+def _open_store(arguments: argparse.Namespace) -> StepStore:
     from .executor import resolve_store_path
+    from .store import StepStore
 
-    path = resolve_store_path(db)
-    if not os.path.exists(path):
+    path = resolve_store_path(arguments.db)
+    if not os.path.isfile(path):
         raise DurableError(f"No store at {path}: pass --db PATH (or set DURABLE_NB_DB).")
-    return path
+    return StepStore(path, lock_timeout=arguments.lock_timeout)
 
 
-def _size(count: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1024 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024  # type: ignore[assignment]
-    return str(count)
+def _require_workflow(store: StepStore, workflow_id: str) -> list[StepRecord]:
+    steps = store.live_steps(workflow_id)
+    if not steps:
+        raise UnknownWorkflowError(store.path, workflow_id,
+                                   [summary.workflow_id for summary in store.list_workflows()])
+    return steps
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="durable-nb", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    store_options = argparse.ArgumentParser(add_help=False)
+    store_options.add_argument("--db", metavar="PATH",
+                               help="The store (default: $DURABLE_NB_DB, else durable_nb.duckdb here).")
+    store_options.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                               help="How long to wait for a store another process holds "
+                                    "(default: $DURABLE_NB_LOCK_TIMEOUT, else 30).")
+    progress_options = argparse.ArgumentParser(add_help=False)
+    progress_options.add_argument("--progress", choices=("auto", "live", "plain"), default="auto",
+                                  help="live: redraw the running step's line (the default on a "
+                                       "terminal); plain: one line per finished step.")
 
-    run = commands.add_parser("run", help="Run a notebook headless; restart and resume if its kernel dies.")
+    run = commands.add_parser("run", parents=[progress_options],
+                              help="Run a notebook headless; restart and resume if its kernel dies.")
     run.add_argument("notebook")
     run.add_argument("--output", "-o", help="Write the executed notebook here.")
-    run.add_argument("--max-restarts", type=int, default=3)
+    run.add_argument("--max-restarts", type=int, default=3, metavar="N")
     run.add_argument("--workflow", help="Workflow name (default: the notebook's file name).")
     run.add_argument("--db", help="Store file (default: durable_nb.duckdb beside the notebook).")
     run.add_argument("--timeout", type=int, default=None, help="Seconds one cell may run.")
     run.set_defaults(handler=command_run)
 
-    demo = commands.add_parser("demo", help="Crash and resume the quickstart notebook, in a scratch folder.")
+    demo = commands.add_parser("demo", parents=[progress_options],
+                               help="Crash and resume the quickstart notebook, in a scratch folder.")
     demo.add_argument("--output", "-o", help="Write the executed notebook here.")
     demo.set_defaults(handler=command_demo)
 
-    listing = commands.add_parser("list", help="Workflows in a store.")
-    listing.add_argument("--db")
+    listing = commands.add_parser("list", parents=[store_options], help="Workflows in a store.")
     listing.set_defaults(handler=command_list)
 
-    status = commands.add_parser("status", help="A workflow's steps.")
+    status = commands.add_parser("status", parents=[store_options],
+                                 help="A workflow's steps: the status widget's table.")
     status.add_argument("workflow")
-    status.add_argument("--db")
     status.set_defaults(handler=command_status)
+
+    reset = commands.add_parser(
+        "reset", parents=[store_options],
+        help="Forget a step and the steps after it (or --all), so they execute again.")
+    reset.add_argument("workflow")
+    reset.add_argument("step", nargs="?", default=None)
+    reset.add_argument("--all", action="store_true", help="Forget every step of the workflow.")
+    reset.set_defaults(handler=command_reset)
+
+    gc = commands.add_parser(
+        "gc", parents=[store_options],
+        help="Remove payload files no step refers to, then compact the database file.")
+    gc.add_argument("--grace", type=float, default=None, metavar="SECONDS",
+                    help="Keep payload files younger than this (default: an hour): a step may "
+                         "be committing them.")
+    gc.set_defaults(handler=command_gc)
+
+    export = commands.add_parser("export", parents=[store_options],
+                                 help="A workflow's steps and outputs as JSON.")
+    export.add_argument("workflow")
+    export.add_argument("--output", "-o", help="Write the JSON here instead of to stdout.")
+    export.add_argument("--include-superseded", action="store_true",
+                        help="Also the records a diverged history superseded.")
+    export.set_defaults(handler=command_export)
     return parser
 
 

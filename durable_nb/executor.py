@@ -44,7 +44,7 @@ class StepEvent:
     workflow_id: str
     sequence_number: int
     step_name: str
-    status: str  # running | executed | replayed | failed
+    status: str  # running | executed | replayed | failed | reset (this position and later)
     reason: str  # why it executed (or why it could replay)
     seconds: float = 0.0  # how long the execution or the replay took
     record: StepRecord | None = None  # the stored record, once there is one
@@ -140,10 +140,21 @@ class DurableExecutor:
         return self.store.live_steps(self.workflow_id)
 
     def reset(self, step_name: str | None = None) -> int:
-        """Forget a step and every step after it (the whole workflow without a name)."""
-        count = self.store.reset_steps(self.workflow_id, step_name)
-        log.info("Reset %d step record(s) of workflow %r%s", count, self.workflow_id,
+        """Forget a step and every step after it (the whole workflow without a name).
+
+        The clock goes back to the first forgotten position, so the step takes its old
+        position when it runs again; listeners hear a `reset` event for that position.
+        """
+        workflow_id = self.workflow_id
+        position = 1
+        if step_name is not None:
+            position = next((record.sequence_number for record in self.history()
+                             if record.step_name == step_name), position)
+        count = self.store.reset_steps(workflow_id, step_name)
+        self.next_sequence_number = min(self.next_sequence_number, position)
+        log.info("Reset %d step record(s) of workflow %r%s", count, workflow_id,
                  f" from step {step_name!r} on" if step_name else "")
+        self._emit(StepEvent(workflow_id, position, step_name or "", "reset", "reset"))
         return count
 
     def _emit(self, event: StepEvent) -> None:

@@ -24,7 +24,7 @@ class StepOutcome:
     attempt: int
     cell_index: int
     step_name: str
-    outcome: str  # executed | replayed | failed | crashed
+    outcome: str  # running (as the cell starts) | executed | replayed | failed
     seconds: float
     saved_seconds: float = 0.0
 
@@ -90,6 +90,12 @@ class NotebookRunner:
         self.kernel_name = kernel_name
         self.on_event = on_event or (lambda message, event: None)
 
+    @property
+    def step_count(self) -> int:
+        """How many `%%durable_step` cells the notebook has."""
+        return sum(1 for cell in self.notebook.cells
+                   if cell.cell_type == "code" and step_name_of(cell.source) is not None)
+
     def run(self) -> RunResult:
         import nbformat
         from nbclient import NotebookClient
@@ -105,6 +111,9 @@ class NotebookRunner:
 
             def cell_start(cell: Any, cell_index: int, **_: Any) -> None:
                 starts[cell_index] = time.perf_counter()
+                name = step_name_of(cell.source) if cell.cell_type == "code" else None
+                if name is not None:
+                    self.on_event("", StepOutcome(attempt, cell_index, name, "running", 0.0))
 
             def cell_executed(cell: Any, cell_index: int, execute_reply: Any, **_: Any) -> None:
                 name = step_name_of(cell.source)

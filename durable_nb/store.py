@@ -434,8 +434,9 @@ class StepStore:
 
     # -- compaction (durable-nb gc) ------------------------------------------------------
 
-    def compact(self) -> None:
-        """Rewrite the database file without the space that deleted rows left behind.
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the database file without the space that deleted rows left behind, if
+        that makes it smaller; returns its size in bytes (with its WAL) before and after.
 
         DuckDB reuses freed blocks but never shrinks its file, not even at CHECKPOINT; a
         copy into a fresh file does. The copy is made under the store's lock and renamed
@@ -443,29 +444,40 @@ class StepStore:
         process can fall in between (a waiting one then opens the new file).
         """
         fresh = self.path + ".compacting"
-        for leftover in (fresh, fresh + ".wal"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+        self._remove_copy(fresh)
         self._snapshots.clear()
         with self.database.connect() as connection:
-            self._compact_txn(connection, fresh)
+            sizes = self._compact_txn(connection, fresh)
         _fsync_directory(os.path.dirname(self.path))
+        return sizes
 
-    def _compact_txn(self, connection: Connection, fresh: str) -> None:
-        connection.execute("CHECKPOINT")
+    def _compact_txn(self, connection: Connection, fresh: str) -> tuple[int, int]:
         (name,) = connection.execute("SELECT current_database()").fetchone() or ("",)
         quoted_name = '"' + str(name).replace('"', '""') + '"'
+        before = sum(os.path.getsize(path) for path in (self.path, self.path + ".wal")
+                     if os.path.exists(path))
         connection.execute("ATTACH '" + fresh.replace("'", "''") + "' AS durable_nb_compacted")
         try:
             connection.execute(f"COPY FROM DATABASE {quoted_name} TO durable_nb_compacted")
             connection.execute("CHECKPOINT durable_nb_compacted")
-            os.replace(fresh, self.path)
-        except BaseException:
-            connection.execute("DETACH durable_nb_compacted")
-            for leftover in (fresh, fresh + ".wal"):
-                if os.path.exists(leftover):
-                    os.remove(leftover)
-            raise
+            after = os.path.getsize(fresh)
+            if after < before:  # a small store lives mostly in its WAL: then leave it be
+                # Merges the WAL and removes it: an old WAL beside the new file would be
+                # replayed into it.
+                connection.execute("CHECKPOINT")
+                os.replace(fresh, self.path)
+                return before, after
+        finally:
+            if os.path.exists(fresh):  # not renamed into place: kept the original
+                connection.execute("DETACH durable_nb_compacted")
+                self._remove_copy(fresh)
+        return before, before
+
+    @staticmethod
+    def _remove_copy(fresh: str) -> None:
+        for path in (fresh, fresh + ".wal"):
+            if os.path.exists(path):
+                os.remove(path)
 
 
 @dataclass(frozen=True)

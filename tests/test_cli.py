@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import duckdb
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook
+
+from durable_nb import Workflow
+
+from .test_store import lock_held_by_another_process
 
 
 def durable_nb(*arguments: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -43,9 +52,14 @@ def test_run_resumes_after_the_kernel_dies_and_runs_each_step_once(tmp_path: Pat
     assert "fetch                    replayed" in result.stdout
     executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     assert executed.cells[3].outputs[0]["data"]["text/plain"] == "'1,2,3'"
+    assert "[3/3] report" in result.stdout
+    # sort ran twice (runs.txt), but its first run died before completing: 3 executions.
+    assert "done after 2 attempt(s): 3 step execution(s), 1 replayed in the last attempt" in result.stdout
     status = durable_nb("status", "pipeline.ipynb", "--db", "durable_nb.duckdb", cwd=tmp_path)
     assert status.returncode == 0, status.stderr
-    assert [line.split()[1] for line in status.stdout.splitlines()[1:]] == ["fetch", "sort", "report"]
+    assert status.stdout.splitlines()[1] == "3 steps: 3 completed"
+    assert [line.split()[1:3] for line in status.stdout.splitlines()[3:]] == \
+        [["fetch", "completed"], ["sort", "completed"], ["report", "completed"]]
 
 
 def test_run_gives_up_after_max_restarts_with_a_clear_message(tmp_path: Path) -> None:
@@ -84,3 +98,157 @@ def test_demo_crashes_and_resumes_the_quickstart(tmp_path: Path) -> None:
     assert "step-1                   replayed" in result.stdout
     assert "step-3                   executed" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def sleepy_notebook(folder: Path) -> Path:
+    notebook = new_notebook(cells=[new_code_cell("%load_ext durable_nb")] + [
+        new_code_cell(f"%%durable_step {name}\nimport time\ntime.sleep(0.7)\n{name} = 1")
+        for name in ("first", "second")])
+    path = folder / "sleepy.ipynb"
+    nbformat.write(notebook, path)
+    return path
+
+
+def in_a_terminal(*arguments: str, cwd: Path, timeout: float = 300) -> tuple[int, str]:
+    """Run durable-nb with a pseudo-terminal as its stdout, as a user at a shell would."""
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "durable_nb", *arguments], cwd=cwd,
+                               stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    os.close(follower)
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            received += chunk
+        return process.wait(timeout=30), received.decode()
+    finally:
+        process.kill()
+        os.close(leader)
+
+
+def test_run_on_a_terminal_redraws_a_live_line_for_the_running_step(tmp_path: Path) -> None:
+    sleepy_notebook(tmp_path)
+    code, screen = in_a_terminal("run", "sleepy.ipynb", cwd=tmp_path)
+    assert code == 0, screen
+    live = [part for part in screen.split("\r\x1b[K") if "running" in part]
+    assert any("[1/2] first" in part for part in live) and any("[2/2] second" in part for part in live)
+    assert any("░" in part for part in live)
+    assert "[1/2] first                    executed" in screen
+
+
+def test_run_prints_plain_lines_when_not_on_a_terminal(tmp_path: Path) -> None:
+    sleepy_notebook(tmp_path)
+    result = durable_nb("run", "sleepy.ipynb", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stdout and "\x1b" not in result.stdout
+    assert [line.split()[:3] for line in result.stdout.splitlines()[1:3]] == \
+        [["[1/2]", "first", "executed"], ["[2/2]", "second", "executed"]]
+
+
+def recorded_store(folder: Path) -> Path:
+    """A store with two workflows: 'nightly' (load, report; report failed) and 'weekly'."""
+    path = folder / "store.duckdb"
+    nightly = Workflow("nightly", db=path)
+    nightly.run_cell("load", "rows = [3, 1, 2]\nprint('loaded', len(rows))")
+    try:
+        nightly.run_cell("report", "raise KeyError('region')")
+    except KeyError:
+        pass
+    Workflow("weekly", db=path).run_cell("sum", "total = 6\ntotal")
+    return path
+
+
+def test_status_shows_the_widgets_table_in_the_terminal(tmp_path: Path) -> None:
+    recorded_store(tmp_path)
+    result = durable_nb("status", "nightly", "--db", "store.duckdb", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    title, summary, header, *rows = result.stdout.splitlines()
+    assert title.startswith("workflow nightly in ") and summary == "2 steps: 1 completed, 1 failed"
+    assert header.split()[:4] == ["#", "step", "status", "attempts"]
+    assert [row.split()[:3] for row in rows] == [["1", "load", "completed"], ["2", "report", "failed"]]
+
+
+def test_reset_forgets_a_step_and_the_steps_after_it(tmp_path: Path) -> None:
+    path = recorded_store(tmp_path)
+    result = durable_nb("reset", "nightly", "report", "--db", "store.duckdb", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 record(s) forgotten" in result.stdout
+    assert [s.step_name for s in Workflow("nightly", db=path).steps()] == ["load"]
+    everything = durable_nb("reset", "nightly", "--all", "--db", "store.duckdb", cwd=tmp_path)
+    assert everything.returncode == 0 and Workflow("nightly", db=path).steps() == []
+    assert [s.step_name for s in Workflow("weekly", db=path).steps()] == ["sum"]
+
+
+def test_reset_and_status_name_what_is_unknown(tmp_path: Path) -> None:
+    recorded_store(tmp_path)
+    step = durable_nb("reset", "nightly", "train", "--db", "store.duckdb", cwd=tmp_path)
+    workflow = durable_nb("status", "monthly", "--db", "store.duckdb", cwd=tmp_path)
+    both = durable_nb("reset", "nightly", "load", "--all", "--db", "store.duckdb", cwd=tmp_path)
+    assert (step.returncode, workflow.returncode, both.returncode) == (1, 1, 1)
+    assert "no step 'train'" in step.stderr and "'load', 'report'" in step.stderr
+    assert "No workflow 'monthly'" in workflow.stderr and "'nightly', 'weekly'" in workflow.stderr
+    assert "a STEP" in both.stderr and "--all" in both.stderr
+
+
+def test_export_writes_steps_and_outputs_as_plain_json(tmp_path: Path) -> None:
+    recorded_store(tmp_path)
+    result = durable_nb("export", "nightly", "--db", "store.duckdb", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["workflow_id"] == "nightly" and document["format_version"] == 1
+    load, report = document["steps"]
+    assert (load["step_name"], load["status"], report["status"]) == ("load", "completed", "failed")
+    assert load["outputs"] == [{"output_type": "stream", "name": "stdout", "text": "loaded 3\n"}]
+    assert load["variables"][0]["name"] == "rows" and load["variables"][0]["size_bytes"] > 0
+    assert "KeyError: 'region'" in report["error"] and load["finished_at"].endswith("+00:00")
+    to_file = durable_nb("export", "nightly", "-o", "nightly.json", "--db", "store.duckdb", cwd=tmp_path)
+    assert to_file.returncode == 0 and json.loads((tmp_path / "nightly.json").read_text()) \
+        ["steps"][0]["code"] == load["code"]
+
+
+def test_gc_removes_unreferenced_payloads_and_compacts_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "store.duckdb"
+    inline = "import os\n" + "\n".join(f"v{i} = os.urandom(200_000)" for i in range(20))
+    Workflow("old", db=path).run_cell("load", inline + "\nbig = os.urandom(2_000_000)")
+    Workflow("kept", db=path).run_cell("load", inline)
+    assert durable_nb("reset", "old", "--all", "--db", str(path), cwd=tmp_path).returncode == 0
+    before = sum(file.stat().st_size for file in tmp_path.glob("store.duckdb*") if file.is_file()) \
+        + sum(file.stat().st_size for file in (tmp_path / "store.duckdb.blobs").rglob("*") if file.is_file())
+    result = durable_nb("gc", "--grace", "0", "--db", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 unreferenced file(s) removed" in result.stdout and "compacted" in result.stdout
+    assert path.stat().st_size < before * 0.7
+    assert f"({before} -> {path.stat().st_size} bytes)" in result.stdout
+    again = durable_nb("gc", "--db", str(path), cwd=tmp_path)
+    assert "0 unreferenced file(s) removed" in again.stdout and "already compact" in again.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.duckdb", "store.duckdb.blobs"]
+    kept = Workflow("kept", db=path)
+    kept.run_cell("load", inline)  # replays from the compacted file
+    assert len(kept.namespace["v7"]) == 200_000 and "big" not in kept.namespace
+
+
+def test_a_locked_store_names_the_process_holding_it(tmp_path: Path) -> None:
+    recorded_store(tmp_path)
+    with lock_held_by_another_process(tmp_path / "store.duckdb") as pid:
+        result = durable_nb("status", "nightly", "--db", "store.duckdb", "--lock-timeout", "0.5",
+                            cwd=tmp_path)
+    assert result.returncode == 1
+    assert "locked by another process" in result.stderr and f"PID {pid}" in result.stderr
+
+
+def test_a_store_from_a_newer_durable_nb_is_refused(tmp_path: Path) -> None:
+    recorded_store(tmp_path)
+    with duckdb.connect(str(tmp_path / "store.duckdb")) as connection:
+        connection.execute("UPDATE durable_nb_meta SET value = '99' WHERE key = 'schema_version'")
+    result = durable_nb("list", "--db", "store.duckdb", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "schema version 99" in result.stderr and "Upgrade durable_nb" in result.stderr

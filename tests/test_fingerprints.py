@@ -226,3 +226,10 @@ def test_reasons_are_logged(session: NotebookSession, counter: Path, caplog: pyt
     assert "Executing step 'scale' (#1): input 'rate' changed" in [r.getMessage() for r in caplog.records]
     record = session.store.live_steps("test-workflow")[0]
     assert json.loads(json.dumps(record.inputs)).keys() == {"rate"}
+
+
+def test_reset_step_takes_its_old_position_again(session: NotebookSession, counter: Path) -> None:
+    run_notebook(session, [step(counter, n, f"{n}_value = 1") for n in ("a", "b", "c")])
+    session.ok("%durable_reset b")
+    session.ok(step(counter, "b", "b_value = 2"))
+    assert [(s.sequence_number, s.step_name) for s in session.store.live_steps("test-workflow")] == [(1, "a"), (2, "b")]

@@ -1,0 +1,198 @@
+"""The status widget: a workflow's steps in the notebook, updated live as they run.
+
+Its state lives in traitlets (`rows`, `summary`), fed by the executor's events; the
+initial rows come from the executor's history. It opens no database connection of its
+own. Where no widget front end is running (terminal IPython, nbconvert, nbval) it shows
+as a text or HTML table through the ordinary display mime bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, cast
+
+import ipywidgets as widgets
+from traitlets import Dict, List, Unicode, observe
+
+from . import status
+from .errors import DurableError, WorkflowNotNamedError
+from .executor import DurableExecutor, StepEvent
+
+log = logging.getLogger(__name__)
+
+
+class ResetBar(widgets.HBox):
+    """Pick a step and press Reset…, then confirm: that step and the ones after it are
+    forgotten, so they execute when next run."""
+
+    steps = List(Unicode(), help="The step names on offer, in sequence order.").tag(sync=True)
+    confirming = Unicode("", help="The step whose reset awaits confirmation, if any.").tag(sync=True)
+    message = Unicode("", help="What the last reset did, or why it failed.").tag(sync=True)
+
+    def __init__(self, on_reset: Callable[[str], str], **kwargs: Any) -> None:
+        self._on_reset = on_reset
+        self.choice = widgets.Dropdown(description="Step", layout=widgets.Layout(width="auto"))
+        self.ask = widgets.Button(description="Reset…", icon="undo",
+                                  tooltip="Forget this step and every later one, so they execute again")
+        self.question = widgets.Label()
+        self.confirm = widgets.Button(description="Yes, reset", button_style="danger")
+        self.cancel = widgets.Button(description="Cancel")
+        self.note = widgets.Label()
+        super().__init__(**kwargs)
+        self.ask.on_click(lambda _: self._ask())
+        self.confirm.on_click(lambda _: self._reset())
+        self.cancel.on_click(lambda _: setattr(self, "confirming", ""))
+        self._show()
+
+    @observe("steps")
+    def _steps_changed(self, change: dict[str, Any]) -> None:
+        chosen = self.choice.value
+        self.choice.options = list(change["new"])
+        self.choice.value = chosen if chosen in change["new"] else next(iter(change["new"]), None)
+        if self.confirming not in change["new"]:
+            self.confirming = ""
+        self._show()
+
+    @observe("confirming", "message")
+    def _state_changed(self, change: dict[str, Any]) -> None:
+        self._show()
+
+    def _ask(self) -> None:
+        if self.choice.value:
+            self.confirming = self.choice.value
+
+    def _reset(self) -> None:
+        step_name, self.confirming = self.confirming, ""
+        try:
+            self.message = self._on_reset(step_name)
+        except DurableError as exc:
+            self.message = f"Reset failed: {exc}"
+
+    def _show(self) -> None:
+        if self.confirming:
+            later = len(self.steps) - self.steps.index(self.confirming) - 1
+            self.question.value = (f"Forget step {self.confirming!r}"
+                                   + (f" and the {later} after it" if later else "")
+                                   + "? They execute again when next run.")
+            self.children = [self.question, self.confirm, self.cancel]
+        else:
+            self.note.value = self.message
+            self.children = [self.choice, self.ask, self.note] if self.steps else [self.note]
+
+
+class StepStatusWidget(widgets.VBox):
+    """Every step of the current workflow with its status, timings and size, live."""
+
+    workflow_id = Unicode(
+        "", help="The workflow whose steps are shown ('' before one is named).").tag(sync=True)
+    rows = List(
+        Dict(), help="One dict per step, in sequence order: see durable_nb.status.StepRow.").tag(sync=True)
+    summary = Unicode(
+        "", help="'7 steps: 5 replayed (saved 12 min), 1 executed, 1 pending'.").tag(sync=True)
+    notice = Unicode(
+        "", help="Why the history could not be read (the rows then start empty), if so.").tag(sync=True)
+
+    def __init__(self, executor: DurableExecutor, **kwargs: Any) -> None:
+        self._executor = executor
+        self._table = widgets.HTML()
+        self.reset_bar = ResetBar(self.reset_step)
+        super().__init__(children=[self._table, self.reset_bar], **kwargs)
+        self.refresh()
+        executor.add_listener(self._on_event)
+
+    def refresh(self) -> None:
+        """Reload the rows from the executor's history, as at the start of a run: steps
+        completed earlier are pending until they are reached."""
+        try:
+            workflow_id = self._executor.workflow_id
+        except WorkflowNotNamedError:
+            self.workflow_id, self.rows = "", []
+            return
+        self.workflow_id = workflow_id
+        try:
+            history = self._executor.history()
+        except DurableError as exc:  # a display must not break the notebook: say why, go on
+            self.notice, self.rows = f"Cannot read the history: {exc}", []
+            return
+        self.notice = ""
+        self._show_rows(status.session_rows(history))
+
+    def follow_workflow(self) -> None:
+        """Refresh if the executor's workflow is no longer the one shown."""
+        try:
+            current = self._executor.workflow_id
+        except WorkflowNotNamedError:
+            current = ""
+        if current != self.workflow_id or not current:
+            self.refresh()
+
+    def reset_step(self, step_name: str) -> str:
+        """Forget a step and every later one in the store; they execute when next run."""
+        self.follow_workflow()
+        positions = [row["sequence_number"] for row in self.step_rows if row["name"] == step_name]
+        removed = self._executor.reset(step_name)
+        position = positions[0] if positions else 1
+        self._show_rows([row for row in self.step_rows if row["sequence_number"] < position])
+        return f"Reset {step_name!r}: {removed} record(s) forgotten."
+
+    def close(self) -> None:
+        try:
+            self._executor.remove_listener(self._on_event)
+        except ValueError:
+            pass
+        self.reset_bar.close()
+        self._table.close()
+        super().close()
+
+    @property
+    def step_rows(self) -> list[status.StepRow]:
+        return cast("list[status.StepRow]", self.rows)
+
+    def _show_rows(self, rows: list[status.StepRow]) -> None:
+        self.rows = [dict(row) for row in rows]
+
+    def as_text(self) -> str:
+        return f"{self._title()}\n{self.summary}\n{status.render_text(self.step_rows)}"
+
+    def as_html(self) -> str:
+        return status.render_html(self.step_rows, self._title(), self.summary)
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        # The widget view for a front end with widgets; readable tables for everything
+        # else (a terminal, nbconvert, nbval), instead of 'StepStatusWidget(...)'.
+        data: dict[str, Any] = super()._repr_mimebundle_(**kwargs) or {}
+        data["text/plain"] = self.as_text()
+        data["text/html"] = self.as_html()
+        return data
+
+    def _on_event(self, event: StepEvent) -> None:
+        if event.workflow_id != self.workflow_id:
+            self.refresh()
+        if event.status == "reset":  # %durable_reset, or a Reset button of any view
+            self._show_rows([row for row in self.step_rows
+                             if row["sequence_number"] < event.sequence_number])
+            return
+        rows = status.apply_event(self.step_rows, event)
+        if event.status == status.EXECUTED and rows[-1]["sequence_number"] > event.sequence_number:
+            rows = self._stale_marked(rows, event.sequence_number)
+        self._show_rows(rows)
+
+    def _stale_marked(self, rows: list[status.StepRow], after: int) -> list[status.StepRow]:
+        # Only when steps follow the one that executed: the history read costs a connection.
+        try:
+            return status.mark_stale(rows, self._executor.history(), after)
+        except DurableError as exc:
+            log.warning("durable_nb status: cannot read which steps are stale: %s", exc)
+            return rows
+
+    @observe("rows", "workflow_id", "notice")
+    def _render(self, change: dict[str, Any]) -> None:
+        self.summary = status.summarize(self.step_rows)
+        self._table.value = self.as_html()
+        self.reset_bar.steps = [row["name"] for row in self.step_rows]
+
+    def _title(self) -> str:
+        if not self.workflow_id:
+            return "durable_nb: no workflow named yet (%durable_workflow NAME)"
+        title = f"durable_nb · workflow {self.workflow_id}"
+        return f"{title} ({self.notice})" if self.notice else title
