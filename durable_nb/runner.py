@@ -64,6 +64,22 @@ def declared_workflow(notebook: Any) -> tuple[str | None, str | None]:
     return None, None
 
 
+def _check_unique_step_names(path: str, notebook: Any) -> None:
+    # nbclient sends no cell ids, so the kernel cannot tell a reused name from an edited
+    # cell; the whole notebook is here, so tell before anything runs.
+    cells_by_name: dict[str, list[int]] = {}
+    for index, cell in enumerate(notebook.cells):
+        name = step_name_of(cell.source) if cell.cell_type == "code" else None
+        if name is not None:
+            cells_by_name.setdefault(name, []).append(index)
+    for name, cells in cells_by_name.items():
+        if len(cells) > 1:
+            raise NotebookFailedError(
+                path, f"cells {', '.join(map(str, cells))} all use the step name {name!r}; "
+                "step names must be unique within a workflow, or one would replay the "
+                "other's results. Rename all but one.")
+
+
 class NotebookRunner:
     def __init__(self, path: str | os.PathLike[str], *, workflow: str | None = None,
                  db: str | None = None, max_restarts: int = 3, cell_timeout: int | None = None,
@@ -78,6 +94,7 @@ class NotebookRunner:
             self.notebook = nbformat.read(self.path, as_version=4)
         except Exception as exc:
             raise NotebookFailedError(str(path), f"not a readable notebook ({exc}).") from exc
+        _check_unique_step_names(str(path), self.notebook)
         self.working_directory = self.path.resolve().parent
         declared_name, declared_db = declared_workflow(self.notebook)
         self.workflow = declared_name or workflow or self.path.name

@@ -252,3 +252,14 @@ def test_a_store_from_a_newer_durable_nb_is_refused(tmp_path: Path) -> None:
     result = durable_nb("list", "--db", "store.duckdb", cwd=tmp_path)
     assert result.returncode == 1
     assert "schema version 99" in result.stderr and "Upgrade durable_nb" in result.stderr
+
+
+def test_run_refuses_a_notebook_that_reuses_a_step_name_before_running_it(tmp_path: Path) -> None:
+    notebook = new_notebook(cells=[new_code_cell("%load_ext durable_nb"),
+                                   new_code_cell("%%durable_step load\nopen('ran', 'w')"),
+                                   new_code_cell("%%durable_step load\nx = 2")])
+    nbformat.write(notebook, tmp_path / "twice.ipynb")
+    result = durable_nb("run", "twice.ipynb", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "cells 1, 2 all use the step name 'load'" in result.stderr
+    assert not (tmp_path / "ran").exists()
