@@ -93,9 +93,19 @@ def code_digest(code: types.CodeType) -> str:
                  repr(code.co_freevars), repr(code.co_cellvars)):
         digest.update(part if isinstance(part, bytes) else part.encode())
     for constant in code.co_consts:
-        digest.update(code_digest(constant).encode() if isinstance(constant, types.CodeType)
-                      else repr(constant).encode())
+        digest.update(_constant_text(constant).encode())
     return digest.hexdigest()
+
+
+def _constant_text(constant: Any) -> str:
+    # A set literal compiles to a frozenset constant, whose repr follows string hashing.
+    if isinstance(constant, types.CodeType):
+        return code_digest(constant)
+    if isinstance(constant, frozenset):
+        return "frozenset(" + ",".join(sorted(_constant_text(item) for item in constant)) + ")"
+    if isinstance(constant, tuple):
+        return "(" + ",".join(_constant_text(item) for item in constant) + ")"
+    return repr(constant)
 
 
 _STRINGS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINBYTES",

@@ -1,0 +1,66 @@
+"""Value digests must be equal in any kernel process and for a value's restored copy, or a
+step would execute again after a restart with 'input changed'."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import cloudpickle
+import numpy as np
+import pandas as pd
+
+from durable_nb.fingerprint import is_opaque, value_digest
+
+NOTEBOOK_CODE = """
+def scale(values, factor=2):
+    allowed = {'alpha', 'beta', 'gamma', 'delta'}
+    return [v * factor for v in values if v in allowed]
+
+class Box:
+    def __init__(self):
+        self.tags = {'red', 'green', 'blue', 'cyan', 'magenta'}
+        self.frame = __import__('pandas').DataFrame({'a': [1.0, 2.0], 'b': ['x', 'y']})
+
+value = {'tags': {'one', 'two', 'three', 'four'}, 'scale': scale, 'box': Box(),
+         'array': __import__('numpy').arange(10.0)[::2], 'nested': [frozenset({'p', 'q', 'r'})]}
+"""
+
+
+def digest_in_a_new_process(hash_seed: str) -> str:
+    script = ("import sys\nfrom durable_nb.fingerprint import value_digest\n"
+              f"exec({NOTEBOOK_CODE!r}, sys.modules['__main__'].__dict__)\n"
+              "print(value_digest(value))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONHASHSEED": hash_seed}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_digest_is_the_same_in_every_process_despite_string_hashing() -> None:
+    digests = {digest_in_a_new_process(seed) for seed in ("1", "2", "3", "4")}
+    assert len(digests) == 1
+
+
+def test_digest_of_a_restored_copy_equals_the_original() -> None:
+    value = {"frame": pd.DataFrame({"a": np.arange(5.0), "b": list("abcde")}),
+             "series": pd.Series([1.0, 2.0], name="s"), "view": np.arange(20.0)[::3],
+             "masked": np.ma.masked_array([1, 2, 3], mask=[0, 1, 0])}
+    restored = pickle.loads(cloudpickle.dumps(value, protocol=5))
+    assert value_digest(restored) == value_digest(value)
+
+
+def test_digest_changes_when_content_changes_in_place() -> None:
+    array = np.zeros(1000)
+    before = value_digest(array)
+    array[500] = 1.0
+    assert value_digest(array) != before
+
+
+def test_unpicklable_value_is_fingerprinted_by_type() -> None:
+    import threading
+
+    digest = value_digest(threading.Lock())
+    assert is_opaque(digest) and "lock" in digest.lower()
