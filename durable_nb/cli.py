@@ -69,7 +69,10 @@ def command_demo(arguments: argparse.Namespace) -> int:
         run = argparse.Namespace(notebook=str(notebook), workflow=None, db=None,
                                  max_restarts=2, timeout=None, output=arguments.output,
                                  progress=arguments.progress)
-        return command_run(run)
+        status = command_run(run)
+    print("(The scratch folder and its store are gone now. To keep a store and watch later runs "
+          "replay, run a notebook of yours: durable-nb run NOTEBOOK.)")
+    return status
 
 
 def _quickstart_path() -> Path:
