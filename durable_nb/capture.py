@@ -7,11 +7,25 @@ and the display publisher are wrapped with recorders that forward every call at 
 
 from __future__ import annotations
 
+import base64
+import json
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, TextIO
 
 from .store import StoredOutput
+
+
+def notebook_data(data: dict[str, Any]) -> dict[str, Any]:
+    """A MIME bundle as a notebook stores it: IPython's formatters hand over raw bytes for
+    images (PIL, `_repr_png_`), which the kernel base64-encodes only when it sends them."""
+    return {mime: base64.b64encode(value).decode("ascii") if isinstance(value, (bytes, bytearray))
+            else value for mime, value in data.items()}
+
+
+def notebook_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """Metadata that JSON can hold (a formatter may put tuples or numpy numbers in it)."""
+    return json.loads(json.dumps(metadata or {}, default=str))
 
 
 class OutputRecorder:
@@ -36,7 +50,8 @@ class OutputRecorder:
 
     def display(self, data: dict[str, Any], metadata: dict[str, Any] | None,
                 transient: dict[str, Any] | None, update: bool) -> None:
-        output = {"output_type": "display_data", "data": dict(data), "metadata": dict(metadata or {})}
+        output = {"output_type": "display_data", "data": notebook_data(data),
+                  "metadata": notebook_metadata(metadata)}
         display_id = (transient or {}).get("display_id")
         if update:
             # An update changes earlier displays with that id in place; record the final state.
@@ -49,8 +64,9 @@ class OutputRecorder:
 
     def result(self, data: dict[str, Any], metadata: dict[str, Any]) -> None:
         self._before_output()
-        self.outputs.append(StoredOutput({"output_type": "execute_result", "data": dict(data),
-                                          "metadata": dict(metadata), "execution_count": None}))
+        self.outputs.append(StoredOutput({"output_type": "execute_result", "data": notebook_data(data),
+                                          "metadata": notebook_metadata(metadata),
+                                          "execution_count": None}))
 
     def clear(self, wait: bool) -> None:
         if wait:

@@ -118,3 +118,22 @@ class NotInStepError(DurableError):
     def __init__(self) -> None:
         super().__init__("current_step() was called outside a durable step: call it from the "
                          "code of a `%%durable_step` cell (or a function that cell calls).")
+
+
+class StepNotRecordedError(DurableError):
+    """The step's code ran, but its record could not be committed."""
+
+    def __init__(self, step_name: str, cause: BaseException) -> None:
+        self.step_name = step_name
+        if isinstance(cause, StoreLockedError):
+            why = (f"the store {cause.path!r} stayed locked by another process ({cause.holder}) "
+                   f"for {cause.waited_seconds:.0f} s")
+            advice = "Stop that process (or raise the lock timeout), then run the cell again."
+        else:
+            why = f"{type(cause).__name__}: {cause}"
+            advice = "Run the cell again once the cause is fixed."
+        super().__init__(
+            f"Step {step_name!r} ran, but its record could not be committed: {why}. Its "
+            "results are in the namespace now, but it will not replay: it executes again when "
+            f"next run. {advice}"
+        )

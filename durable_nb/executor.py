@@ -22,7 +22,7 @@ from .cell import compile_cell, run_compiled
 from .context import StepContext, backoff_delay, deadline, running
 from .decision import Decision, decide
 from .errors import (DurableError, DuplicateStepError, NonDeterminismError,
-                     WorkflowNotNamedError)
+                     StepNotRecordedError, WorkflowNotNamedError)
 from .fingerprint import code_fingerprint, value_digest
 from .host import Host, ReplayedResult
 from .store import (COMPLETED, FAILED, StepRecord, StepStore, StoredOutput, StoredVariable,
@@ -329,8 +329,11 @@ class DurableExecutor:
             time.sleep(delay)
         change = watch.changes(namespace)
         stored, unstorable = self._encode(change, watch.after_digests, options)
-        completed = record(COMPLETED, recorder.outputs, stored,
-                           {item.name: item.reason for item in unstorable}, None)
+        try:
+            completed = record(COMPLETED, recorder.outputs, stored,
+                               {item.name: item.reason for item in unstorable}, None)
+        except Exception as exc:
+            raise StepNotRecordedError(step_name, exc) from exc
         self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "executed",
                              decision.reason, completed.duration_seconds, completed,
                              completed.attempts))
@@ -347,7 +350,7 @@ class DurableExecutor:
                         exc: BaseException) -> StepRecord | None:
         try:
             return record(FAILED, outputs, [], {}, "".join(traceback.format_exception(exc)))
-        except DurableError as store_exc:
+        except Exception as store_exc:  # the user's own exception must come through
             exc.add_note(f"durable_nb could not record this failure: {store_exc}")
             return None
 

@@ -363,3 +363,18 @@ def test_missing_payload_file_makes_the_step_execute_instead(session: NotebookSe
     with pytest.warns(DurableWarning, match=r"Cannot restore 'array' of step 'big'.*executes instead"):
         session.ok(cell)
     assert runs(counter) == ["big", "big"] and session.ns["array"][-1] == 199_999.0
+
+
+def test_image_outputs_given_as_bytes_are_recorded_and_replayed(session: NotebookSession) -> None:
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(40))
+    cell = ("%%durable_step picture\nclass Picture:\n    def _repr_png_(self):\n"
+            f"        return {png!r}\npicture = Picture()\npicture")
+    session.shell.display_formatter.active_types = ["text/plain", "image/png"]
+    try:
+        session.ok(cell)
+        [record] = session.store.live_steps("test-workflow")
+        outputs, _ = session.store.read_step(record)
+        import base64
+        assert base64.b64decode(outputs[-1].output["data"]["image/png"]) == png
+    finally:
+        session.shell.display_formatter.active_types = ["text/plain"]

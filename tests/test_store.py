@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from durable_nb import Workflow
-from durable_nb.errors import StoreCorruptError, StoreLockedError, StoreVersionError, UnknownStepError
+from durable_nb.errors import (StepNotRecordedError, StoreCorruptError, StoreLockedError,
+                               StoreVersionError, UnknownStepError)
 from durable_nb.state import decode, encode
 from durable_nb.store import StepRecord, StepStore, StoredOutput, load_chunks
 
@@ -150,8 +151,11 @@ def test_completed_step_on_a_locked_store_fails_the_cell_naming_the_file(tmp_pat
     path = tmp_path / "s.duckdb"
     flow = Workflow("wf", db=path, lock_timeout=0.2)
     flow.run_cell("warm", "x = 1")
-    with lock_held_by_another_process(path), pytest.raises(StoreLockedError, match=str(path)):
+    with lock_held_by_another_process(path) as pid, pytest.raises(StepNotRecordedError) as caught:
         flow.run_cell("next", "y = 2")
+    message = str(caught.value)
+    assert "'next' ran, but its record could not be committed" in message
+    assert str(path) in message and f"PID {pid}" in message and "executes again" in message
     flow.restart()
     flow.run_cell("warm", "x = 1")
     flow.run_cell("next", "y = 2")
