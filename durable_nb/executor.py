@@ -289,8 +289,11 @@ class DurableExecutor:
                            attempt_errors=list(attempt_errors), cell_id=self.host.cell_id(),
                            output_digests={v.name: v.content_digest for v in stored
                                            if v.content_digest}),
-                outputs, stored, supersede_from=decision.supersede_from,
-                stale_after=decision.sequence_number if decision.invalidates_later else None)
+                outputs, stored,
+                # Only a result changes the history: a failure leaves it as it was.
+                supersede_from=decision.supersede_from if status == COMPLETED else None,
+                stale_after=decision.sequence_number
+                if decision.invalidates_later and status == COMPLETED else None)
 
         watch = state.NamespaceWatch(namespace, inputs, self.host.is_hidden)
         for attempt in range(1, options.retries + 2):

@@ -192,7 +192,8 @@ class StepStore:
 
         In the same transaction, `supersede_from` first marks the live rows from that
         position on superseded (out of the history), and `stale_after` marks the live rows
-        after that position stale (in the history, never replayed).
+        after that position stale (in the history, never replayed). A failed record never
+        replaces a completed one: it is kept beside it, superseded.
         """
         chunk_rows = [
             (variable.name, index, chunk_size, inline, blob)
@@ -377,25 +378,38 @@ class StepStore:
                 "sequence_number >= ? AND superseded_at IS NULL",
                 [utc_now(), workflow_id, supersede_from])
         live = connection.execute(
-            "SELECT revision FROM steps WHERE workflow_id = ? AND sequence_number = ? "
+            "SELECT revision, status FROM steps WHERE workflow_id = ? AND sequence_number = ? "
             "AND superseded_at IS NULL", [workflow_id, sequence_number]).fetchall()
-        for (revision,) in live:
+        # A failure never displaces a completed result: it is kept beside it, out of the
+        # history, so that undoing the change that failed replays the result again. Only
+        # the latest such failure of a step is kept (retries would pile them up).
+        failure_aside = record.status == FAILED and any(status == COMPLETED for _, status in live)
+        for (revision,) in connection.execute(
+                "SELECT revision FROM steps WHERE workflow_id = ? AND sequence_number = ? AND "
+                "step_name = ? AND status = 'failed' AND superseded_at IS NOT NULL",
+                [workflow_id, sequence_number, record.step_name]).fetchall():
+            # The attempts' errors live on in the new record's attempt_errors.
             self._delete_revision_txn(connection, workflow_id, sequence_number, revision)
+        if not failure_aside:
+            for revision, _ in live:
+                self._delete_revision_txn(connection, workflow_id, sequence_number, revision)
         (revision,) = connection.execute(
             "SELECT coalesce(max(revision), 0) + 1 FROM steps WHERE workflow_id = ? AND "
             "sequence_number = ?", [workflow_id, sequence_number]).fetchone() or (1,)
         stored = replace(record, revision=revision,
-                          state_bytes=sum(size for _, _, size, _, _ in chunk_rows))
+                         state_bytes=sum(size for _, _, size, _, _ in chunk_rows),
+                         superseded_at=utc_now() if failure_aside else None)
         connection.execute(
             "INSERT INTO steps (workflow_id, sequence_number, revision, step_name, status, "
             "code_fingerprint, code, reason, error, started_at, finished_at, duration_seconds, "
-            "state_bytes, unrestorable, inputs, attempts, attempt_errors, cell_id, output_digests) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "state_bytes, unrestorable, inputs, attempts, attempt_errors, cell_id, output_digests, "
+            "superseded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [workflow_id, sequence_number, revision, stored.step_name, stored.status,
              stored.code_fingerprint, stored.code, stored.reason, stored.error, stored.started_at,
              stored.finished_at, stored.duration_seconds, stored.state_bytes,
              json.dumps(stored.unrestorable), json.dumps(stored.inputs), stored.attempts,
-             json.dumps(stored.attempt_errors), stored.cell_id, json.dumps(stored.output_digests)])
+             json.dumps(stored.attempt_errors), stored.cell_id, json.dumps(stored.output_digests),
+             stored.superseded_at])
         key = [workflow_id, sequence_number, revision]
         if outputs:
             connection.executemany(

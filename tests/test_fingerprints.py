@@ -233,3 +233,30 @@ def test_reset_step_takes_its_old_position_again(session: NotebookSession, count
     session.ok("%durable_reset b")
     session.ok(step(counter, "b", "b_value = 2"))
     assert [(s.sequence_number, s.step_name) for s in session.store.live_steps("test-workflow")] == [(1, "a"), (2, "b")]
+
+
+def test_a_failed_rerun_keeps_the_last_result_so_undoing_the_change_replays(
+        session: NotebookSession, counter: Path) -> None:
+    cells = [step(counter, "train", "model = 'fitted with 0.1'"), step(counter, "score", "s = 1")]
+    run_notebook(session, cells)
+    session.restart()
+    assert isinstance(session.run(step(counter, "train", "raise KeyboardInterrupt")).error,
+                      KeyboardInterrupt)  # an edit, interrupted
+    live = session.store.live_steps("test-workflow")
+    assert [(s.step_name, s.status) for s in live] == [("train", "completed"), ("score", "completed")]
+    session.restart()
+    run_notebook(session, cells)  # the edit undone
+    assert runs(counter) == ["train", "score", "train"] and session.ns["model"] == "fitted with 0.1"
+
+
+def test_retries_on_a_diverged_position_leave_one_row_per_outcome(session: NotebookSession, tmp_path: Path) -> None:
+    session.ok("%%durable_step a\nx = 1")
+    session.ok("%%durable_step b\ny = 2")
+    session.restart()
+    session.ok("%%durable_step a\nx = 1")
+    marker = tmp_path / "tries"
+    session.ok(f"%%durable_step c --retries 2 --backoff 0\nopen({str(marker)!r}, 'a').write('x')\n"
+               f"if len(open({str(marker)!r}).read()) < 3:\n    raise ValueError('not yet')")
+    rows = [(s.step_name, s.status, s.superseded_at is None)
+            for s in session.store.all_steps("test-workflow")]
+    assert sorted(rows) == [("a", "completed", True), ("b", "completed", False), ("c", "completed", True)]
