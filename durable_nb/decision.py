@@ -27,8 +27,9 @@ def changed_input(recorded: Mapping[str, str], current: Mapping[str, str],
     """Why the inputs differ from the recorded ones, or None when they match.
 
     Only names the step read when it executed matter: a name that did not exist then was
-    not read before being written (or the step would have failed). A value equal to what
-    this very step left behind (an interactive re-run of `x = x + 1`) counts as unchanged.
+    not read before being written (or the step would have failed). `own_outputs` are the
+    values this very step left in this session and that are still there: an interactive
+    re-run of `x = x + 1` reads its own result, which counts as unchanged.
     An input that could only be fingerprinted by its type (a connection, a file handle) is
     listed in the record but never blocks a replay.
     """
@@ -43,7 +44,8 @@ def changed_input(recorded: Mapping[str, str], current: Mapping[str, str],
 
 
 def decide(history: Sequence[StepRecord], step_name: str, fingerprint: str,
-           inputs: Mapping[str, str], next_sequence_number: int, *, force: bool = False) -> Decision:
+           inputs: Mapping[str, str], next_sequence_number: int, *, force: bool = False,
+           own_outputs: Mapping[str, str] | None = None) -> Decision:
     """Execute or replay, at which position, and why."""
     by_name = {record.step_name: record for record in history}
     by_position = {record.sequence_number: record for record in history}
@@ -67,7 +69,7 @@ def decide(history: Sequence[StepRecord], step_name: str, fingerprint: str,
     if existing.code_fingerprint != fingerprint:
         return Decision(position, False, "code changed", existing, invalidates_later=True,
                         diverges=True)
-    why = changed_input(existing.inputs, inputs, existing.output_digests)
+    why = changed_input(existing.inputs, inputs, own_outputs or {})
     if why is not None:
         return Decision(position, False, why, existing, invalidates_later=True, diverges=True)
     return Decision(position, True, REPLAY_REASON, existing)

@@ -103,6 +103,8 @@ class DurableExecutor:
             lambda text: self._known_digests.forget_touched_by(text, host.namespace))
         # Step name -> the cell it ran from, this session (only where cell ids are known).
         self._cells_by_step: dict[str, str] = {}
+        # Step name -> {variable: (id of the object, digest)} it left behind this session.
+        self._left_behind: dict[str, dict[str, tuple[int, str]]] = {}
 
     # -- configuration -----------------------------------------------------------------
 
@@ -116,6 +118,7 @@ class DurableExecutor:
         self.strict = strict
         self.next_sequence_number = 1
         self._cells_by_step.clear()
+        self._left_behind.clear()
 
     @property
     def workflow_id(self) -> str:
@@ -177,7 +180,7 @@ class DurableExecutor:
         inputs = self._input_digests(transformed)
         decision = decide(self.store.live_steps(workflow_id), step_name,
                           code_fingerprint(transformed), inputs, self.next_sequence_number,
-                          force=options.force)
+                          force=options.force, own_outputs=self._still_there(step_name))
         self._check_unique(step_name, decision)
         if self.strict and decision.diverges and decision.record is not None:
             raise NonDeterminismError(workflow_id, decision.sequence_number,
@@ -203,6 +206,16 @@ class DurableExecutor:
             digests[name] = known if known is not None else value_digest(value)
             self._known_digests.remember(name, value, digests[name])
         return digests
+
+    def _still_there(self, step_name: str) -> dict[str, str]:
+        """What this step left behind in this session that the namespace still holds."""
+        namespace = self.host.namespace
+        return {name: digest for name, (object_id, digest) in self._left_behind.get(step_name, {}).items()
+                if name in namespace and id(namespace[name]) == object_id}
+
+    def _leave_behind(self, step_name: str, values: dict[str, Any], digests: dict[str, str]) -> None:
+        self._left_behind[step_name] = {name: (id(values[name]), digest)
+                                        for name, digest in digests.items() if name in values}
 
     def _check_unique(self, step_name: str, decision: Decision) -> None:
         cell_id = self.host.cell_id()
@@ -235,10 +248,11 @@ class DurableExecutor:
                 raise RestoreError(record.step_name, variable.name,
                                    f"{type(exc).__name__}: {exc}") from exc
         state.apply(self.host.namespace, values, deleted)
-        for variable in stored:
-            if variable.content_digest and variable.name in values:
-                self._known_digests.remember(variable.name, values[variable.name],
-                                             variable.content_digest)
+        digests = {variable.name: variable.content_digest for variable in stored
+                   if variable.content_digest and variable.name in values}
+        for name, digest in digests.items():
+            self._known_digests.remember(name, values[name], digest)
+        self._leave_behind(record.step_name, values, digests)
         result = self._show(outputs)
         if record.unrestorable:
             _warn(record.step_name,
@@ -337,6 +351,8 @@ class DurableExecutor:
                                {item.name: item.reason for item in unstorable}, None)
         except Exception as exc:
             raise StepNotRecordedError(step_name, exc) from exc
+        self._leave_behind(step_name, namespace, {v.name: v.content_digest for v in stored
+                                                  if v.content_digest})
         self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "executed",
                              decision.reason, completed.duration_seconds, completed,
                              completed.attempts))

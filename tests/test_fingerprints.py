@@ -260,3 +260,14 @@ def test_retries_on_a_diverged_position_leave_one_row_per_outcome(session: Noteb
     rows = [(s.step_name, s.status, s.superseded_at is None)
             for s in session.store.all_steps("test-workflow")]
     assert sorted(rows) == [("a", "completed", True), ("b", "completed", False), ("c", "completed", True)]
+
+
+def test_read_modify_write_step_replays_when_rerun_but_not_on_an_equal_new_input(
+        session: NotebookSession, counter: Path) -> None:
+    cells = ["x = 1", step(counter, "bump", "x = x + 1")]
+    run_notebook(session, cells)
+    session.ok(cells[1])  # Shift+Enter again: reads its own result
+    assert runs(counter) == ["bump"] and session.ns["x"] == 2
+    session.restart()
+    run_notebook(session, ["x = 2", cells[1]])  # a new input that equals the old output
+    assert runs(counter) == ["bump", "bump"] and session.ns["x"] == 3
