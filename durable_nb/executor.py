@@ -25,6 +25,7 @@ from .errors import (DurableError, DuplicateStepError, NonDeterminismError,
                      StepNotRecordedError, WorkflowNotNamedError)
 from .fingerprint import code_fingerprint, value_digest
 from .host import Host, ReplayedResult
+from .reads import input_names
 from .store import (COMPLETED, FAILED, StepRecord, StepStore, StoredOutput, StoredVariable,
                     load_chunks, utc_now)
 
@@ -198,7 +199,7 @@ class DurableExecutor:
     def _input_digests(self, transformed: str) -> dict[str, str]:
         namespace = self.host.namespace
         digests = {}
-        for name in sorted(state.input_names(transformed, namespace, self.host.is_hidden)):
+        for name in sorted(input_names(transformed, namespace, self.host.is_hidden)):
             value = namespace[name]
             if state.is_spent(value):  # a closed file left by `with open(...) as f:`
                 continue

@@ -15,7 +15,6 @@ read into a fresh buffer.
 
 from __future__ import annotations
 
-import ast
 import importlib
 import io
 import pickle
@@ -27,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, MutableMapping
 import cloudpickle
 
 from .fingerprint import is_opaque, out_of_band, value_digest
+from .reads import globals_used_by
 from .store import Chunk, StoredVariable
 
 PICKLE = "pickle"
@@ -51,102 +51,10 @@ class Unstorable:
     reason: str
 
 
-def read_names(source: str) -> set[str]:
-    """The bare names a cell's code reads before it binds them itself.
-
-    `x + 1`, `x.append(1)`, `x[0] = 1` and `x += [1]` read `x`; in `x = 1; print(x)` or
-    `with open(p) as f: f.read()` the cell binds the name first, so what the name held
-    before the cell ran cannot matter. Only unconditional top-level bindings count as
-    binding first; anything else is taken as a read (the safe side).
-    """
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return set()
-    bound: set[str] = set()
-    reads: set[str] = set()
-
-    def read_in(*nodes: ast.AST | None) -> None:
-        for node in nodes:
-            if node is None:
-                continue
-            for inner in ast.walk(node):
-                if isinstance(inner, ast.Name) and isinstance(inner.ctx, ast.Load) \
-                        and inner.id not in bound:
-                    reads.add(inner.id)
-                elif isinstance(inner, ast.AugAssign) and isinstance(inner.target, ast.Name) \
-                        and inner.target.id not in bound:
-                    reads.add(inner.target.id)
-
-    for statement in tree.body:
-        if isinstance(statement, (ast.Assign, ast.AnnAssign)):
-            read_in(statement.value, *(statement.targets if isinstance(statement, ast.Assign)
-                                       else [statement.target]))
-            targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
-            bound.update(name.id for target in targets for name in ast.walk(target)
-                         if isinstance(name, ast.Name) and isinstance(name.ctx, ast.Store))
-        elif isinstance(statement, (ast.Import, ast.ImportFrom)):
-            bound.update((alias.asname or alias.name).split(".")[0] for alias in statement.names)
-        elif isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            read_in(*statement.decorator_list, *getattr(statement, "bases", []))
-            bound.add(statement.name)
-            # The globals the body uses are read when it is called; its own parameters and
-            # locals are not globals.
-            local = {name.id for node in statement.body for name in ast.walk(node)
-                     if isinstance(name, ast.Name) and isinstance(name.ctx, ast.Store)}
-            if not isinstance(statement, ast.ClassDef):
-                arguments = statement.args
-                local |= {argument.arg for argument in (*arguments.posonlyargs, *arguments.args,
-                                                        *arguments.kwonlyargs, arguments.vararg,
-                                                        arguments.kwarg) if argument is not None}
-            bound_before = set(bound)
-            bound |= local
-            read_in(*statement.body)
-            bound.intersection_update(bound_before | {statement.name})
-        elif isinstance(statement, ast.With):
-            read_in(*(item.context_expr for item in statement.items))
-            bound.update(name.id for item in statement.items if item.optional_vars is not None
-                         for name in ast.walk(item.optional_vars) if isinstance(name, ast.Name))
-            read_in(*statement.body)
-        else:
-            read_in(statement)
-    return reads
-
-
-def _globals_used_by(function: types.FunctionType, namespace: Mapping[str, Any],
-                     seen: set[int]) -> set[str]:
-    """Global names a notebook function (and the notebook functions it calls) touches."""
-    if id(function) in seen or function.__globals__ is not namespace:
-        return set()
-    seen.add(id(function))
-    names: set[str] = set()
-    codes = [function.__code__]
-    while codes:
-        code = codes.pop()
-        names.update(code.co_names)
-        codes.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
-    found = {name for name in names if name in namespace}
-    for name in list(found):
-        value = namespace[name]
-        if isinstance(value, types.FunctionType):
-            found |= _globals_used_by(value, namespace, seen)
-    return found
-
-
-def input_names(source: str, namespace: Mapping[str, Any],
-                is_hidden: Callable[[str], bool]) -> set[str]:
-    """The existing variables a step can read: the names its code reads, and the globals
-    used by the notebook functions among them."""
-    names = {name for name in read_names(source) if name in namespace}
-    seen: set[int] = set()
-    for name in list(names):
-        value = namespace[name]
-        if isinstance(value, types.FunctionType):
-            names |= _globals_used_by(value, namespace, seen)
-    return {name for name in names if not is_hidden(name)}
-
-
 def can_change_in_place(value: Any) -> bool:
+    # A notebook's own class or function can be changed by a step (`Config.rate = 5`).
+    if isinstance(value, (type, types.FunctionType)):
+        return getattr(value, "__module__", None) == "__main__"
     return not isinstance(value, _IMMUTABLE)
 
 
@@ -273,8 +181,7 @@ class KnownDigests:
         names = {word for word in _IDENTIFIER.findall(cell_text) if word in namespace}
         seen: set[int] = set()
         for name in list(names):
-            if isinstance(namespace[name], types.FunctionType):
-                names |= _globals_used_by(namespace[name], namespace, seen)
+            names |= globals_used_by(namespace[name], namespace, seen)
         touched_ids = {id(namespace[name]) for name in names if name in namespace}
         for name in [name for name, (object_id, _) in self._entries.items()
                      if name in names or object_id in touched_ids]:

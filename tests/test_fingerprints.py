@@ -271,3 +271,44 @@ def test_read_modify_write_step_replays_when_rerun_but_not_on_an_equal_new_input
     session.restart()
     run_notebook(session, ["x = 2", cells[1]])  # a new input that equals the old output
     assert runs(counter) == ["bump", "bump"] and session.ns["x"] == 3
+
+
+@pytest.mark.parametrize("setup, reader", [
+    # a method of a notebook class reads a global
+    ("class Model:\n    def predict(self, x):\n        return x > threshold\nclf = Model()",
+     "answer = clf.predict(0.7)"),
+    # a decorated function (the decorator's wrapper closes over it)
+    ("import functools\ndef logged(f):\n    @functools.wraps(f)\n    def wrapper(*a):\n"
+     "        return f(*a)\n    return wrapper\n@logged\ndef check(x):\n    return x > threshold",
+     "answer = check(0.7)"),
+    # a default argument read when the function is defined in the step
+    ("", "def check(x, limit=threshold):\n    return x > limit\nanswer = check(0.7)"),
+    # a line magic's code
+    ("", "%time answer = 0.7 > threshold"),
+])
+def test_inputs_reached_indirectly_make_the_step_execute(
+        session: NotebookSession, counter: Path, setup: str, reader: str) -> None:
+    def notebook(threshold: float) -> list[str]:
+        return [f"threshold = {threshold}\n{setup}", step(counter, "predict", reader)]
+    run_notebook(session, notebook(0.5))
+    assert session.ns["answer"] is True
+    session.restart()
+    run_notebook(session, notebook(0.9))
+    assert runs(counter) == ["predict", "predict"] and session.ns["answer"] is False
+
+
+def test_comprehension_variable_is_not_an_input(session: NotebookSession, counter: Path) -> None:
+    cells = ["rows = [1, 2, 3]", step(counter, "double", "doubled = [i * 2 for i in rows]")]
+    run_notebook(session, ["i = 2", *cells])
+    session.restart()
+    run_notebook(session, ["i = 3", *cells])
+    assert runs(counter) == ["double"]
+
+
+def test_a_step_changing_a_notebook_class_is_recorded(session: NotebookSession, counter: Path) -> None:
+    cells = ["class Config:\n    rate = 1", step(counter, "tune", "Config.rate = 5"),
+             step(counter, "use", "value = Config.rate * 100")]
+    run_notebook(session, cells)
+    session.restart()
+    run_notebook(session, cells)
+    assert session.ns["value"] == 500 and runs(counter) == ["tune", "use"]
