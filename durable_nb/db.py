@@ -94,7 +94,10 @@ _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?)(?:\. See also|$)")
 Connection = duckdb.DuckDBPyConnection
 
 
-def lock_timeout_from_env() -> float:
+def lock_timeout_or_default(seconds: float | None) -> float:
+    """The given timeout, else $DURABLE_NB_LOCK_TIMEOUT, else 30 s."""
+    if seconds is not None:
+        return seconds
     value = os.environ.get("DURABLE_NB_LOCK_TIMEOUT")
     return float(value) if value else DEFAULT_LOCK_TIMEOUT
 
@@ -104,7 +107,7 @@ class Database:
 
     def __init__(self, path: str | os.PathLike[str], lock_timeout: float | None = None) -> None:
         self.path = os.path.abspath(os.fspath(path))
-        self.lock_timeout = lock_timeout_from_env() if lock_timeout is None else lock_timeout
+        self.lock_timeout = lock_timeout_or_default(lock_timeout)
         self._schema_checked_for: tuple[int, int] | None = None
         # DuckDB connections to one file from several threads of one process would share
         # an instance; a per-store lock keeps the open/close discipline simple.

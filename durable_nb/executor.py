@@ -24,6 +24,7 @@ from .decision import Decision, decide
 from .errors import (DurableError, DuplicateStepError, NonDeterminismError,
                      StepNotRecordedError, WorkflowNotNamedError)
 from .fingerprint import code_fingerprint, value_digest
+from .db import lock_timeout_or_default
 from .host import Host, ReplayedResult
 from .reads import input_names
 from .store import (COMPLETED, FAILED, StepRecord, StepStore, StoredOutput, StoredVariable,
@@ -95,7 +96,7 @@ class DurableExecutor:
         self.lock_timeout = lock_timeout
         self.strict = strict
         self._explicit_workflow_id = workflow_id
-        self._explicit_store_path = store_path
+        self._store_path = resolve_store_path(store_path) if store_path is not None else None
         self._store: StepStore | None = None
         self.next_sequence_number = 1
         self._listeners: list[Callable[[StepEvent], None]] = []
@@ -113,8 +114,10 @@ class DurableExecutor:
                      strict: bool = False) -> None:
         """Name the workflow (and store); the clock starts again at 1, as in a fresh run."""
         self._explicit_workflow_id = workflow_id
-        if store_path is not None or self._explicit_store_path is None:
-            self._explicit_store_path = store_path
+        if store_path is not None:
+            # Resolved now, against the directory the notebook is in: a later %cd must not
+            # move the workflow to another store half way.
+            self._store_path = resolve_store_path(store_path)
             self._store = None
         self.strict = strict
         self.next_sequence_number = 1
@@ -127,10 +130,16 @@ class DurableExecutor:
 
     @property
     def store(self) -> StepStore:
-        path = resolve_store_path(self._explicit_store_path)
-        if self._store is None or self._store.path != path:
-            self._store = StepStore(path, lock_timeout=self.lock_timeout)
+        if self._store_path is None:  # the default, resolved once, at the first use
+            self._store_path = resolve_store_path(None)
+        if self._store is None:
+            self._store = StepStore(self._store_path, lock_timeout=self.lock_timeout)
         return self._store
+
+    def set_lock_timeout(self, seconds: float | None) -> None:
+        self.lock_timeout = seconds
+        if self._store is not None:
+            self._store.database.lock_timeout = lock_timeout_or_default(seconds)
 
     def add_listener(self, listener: Callable[[StepEvent], None]) -> None:
         """Call `listener(event)` as steps start, execute, replay and fail."""

@@ -7,7 +7,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Float
+from traitlets import Bool, Float, observe
 
 from .executor import DurableExecutor, StepOptions
 from .host import IPythonHost
@@ -16,7 +16,9 @@ from .host import IPythonHost
 @magics_class
 class DurableMagics(Magics):
     lock_timeout = Float(
-        30.0, help="Seconds to wait for a store that another process holds locked, before failing."
+        None, allow_none=True,
+        help="Seconds to wait for a store that another process holds locked, before failing "
+             "(default: $DURABLE_NB_LOCK_TIMEOUT, else 30)."
     ).tag(config=True)
     auto_status = Bool(
         False, help="Show the status widget (%durable_status) by itself: at %durable_workflow, "
@@ -28,6 +30,10 @@ class DurableMagics(Magics):
     def __init__(self, shell: Any, **kwargs: Any) -> None:
         super().__init__(shell, **kwargs)
         self.executor = DurableExecutor(IPythonHost(shell), lock_timeout=self.lock_timeout)
+
+    @observe("lock_timeout")
+    def _lock_timeout_changed(self, change: dict[str, Any]) -> None:  # %config at run time
+        self.executor.set_lock_timeout(change["new"])
 
     @magic_arguments()
     @argument("name", help="The workflow's name: steps recorded under it replay after a restart.")

@@ -98,10 +98,16 @@ class NotebookRunner:
         self.working_directory = self.path.resolve().parent
         declared_name, declared_db = declared_workflow(self.notebook)
         self.workflow = declared_name or workflow or self.path.name
-        store_path = declared_db or db or DEFAULT_STORE_FILENAME
-        self.store_path = str(self.working_directory / store_path)
+        # One absolute path for the kernel and for this process: --db is relative to where
+        # the command runs, a path in the notebook to the notebook's folder (the kernel's).
+        if declared_db:
+            self.store_path = str((self.working_directory / declared_db).resolve())
+        elif db:
+            self.store_path = str(Path(db).resolve())
+        else:
+            self.store_path = str(self.working_directory / DEFAULT_STORE_FILENAME)
         self.environment = {**os.environ, "DURABLE_NB_WORKFLOW": workflow or self.path.name,
-                            "DURABLE_NB_DB": str(Path(db).resolve()) if db else self.store_path}
+                            "DURABLE_NB_DB": self.store_path}
         self.max_restarts = max_restarts
         self.cell_timeout = cell_timeout
         self.kernel_name = kernel_name

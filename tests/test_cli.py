@@ -263,3 +263,17 @@ def test_run_refuses_a_notebook_that_reuses_a_step_name_before_running_it(tmp_pa
     assert result.returncode == 1
     assert "cells 1, 2 all use the step name 'load'" in result.stderr
     assert not (tmp_path / "ran").exists()
+
+
+def test_run_with_a_relative_db_uses_one_store_for_kernel_and_report(tmp_path: Path) -> None:
+    folder = tmp_path / "nbdir"
+    folder.mkdir()
+    notebook = new_notebook(cells=[new_code_cell("%load_ext durable_nb"),
+                                   new_code_cell("%%durable_step only\nx = 1")])
+    nbformat.write(notebook, folder / "one.ipynb")
+    first = durable_nb("run", "nbdir/one.ipynb", "--db", "rel.duckdb", "--progress", "plain", cwd=tmp_path)
+    second = durable_nb("run", "nbdir/one.ipynb", "--db", "rel.duckdb", "--progress", "plain", cwd=tmp_path)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert "only" in second.stdout and "replayed" in second.stdout
+    assert f"store {tmp_path / 'rel.duckdb'}" in second.stdout
+    assert not (folder / "rel.duckdb").exists()

@@ -378,3 +378,28 @@ def test_image_outputs_given_as_bytes_are_recorded_and_replayed(session: Noteboo
         assert base64.b64decode(outputs[-1].output["data"]["image/png"]) == png
     finally:
         session.shell.display_formatter.active_types = ["text/plain"]
+
+
+def test_changing_directory_between_steps_keeps_the_store(
+        session: NotebookSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    session.shell.run_line_magic("durable_workflow", "moving --db relative.duckdb")
+    session.ok("%%durable_step a\nx = 1")
+    session.ok("import os\nos.chdir('sub')")
+    session.ok("%%durable_step b\ny = 2")
+    from durable_nb.store import StepStore
+    assert [s.step_name for s in StepStore(tmp_path / "relative.duckdb").live_steps("moving")] == ["a", "b"]
+    assert not (tmp_path / "sub" / "relative.duckdb").exists()
+
+
+def test_lock_timeout_follows_config_and_environment(session: NotebookSession,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    magics = session.shell.magics_manager.registry["DurableMagics"]
+    monkeypatch.setenv("DURABLE_NB_LOCK_TIMEOUT", "3")
+    magics.executor.set_workflow("env", str(session.store_path))
+    magics.executor._store = None  # as in a kernel started with the variable set
+    assert magics.executor.store.database.lock_timeout == 3.0
+    session.ok("%config DurableMagics.lock_timeout = 0.25")
+    assert magics.executor.store.database.lock_timeout == 0.25
+    session.ok("%config DurableMagics.lock_timeout = None")
