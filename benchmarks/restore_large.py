@@ -44,7 +44,7 @@ class Meter:
         self.open_seconds = 0.0
         self.blob_seconds = 0.0
         open_original = db.Database._open_with_retry
-        read_original = store.StepStore.map_blob
+        read_original = store.StepStore.read_blob
 
         def timed_open(database):  # type: ignore[no-untyped-def]
             started = time.perf_counter()
@@ -62,7 +62,7 @@ class Meter:
                 self.blob_seconds += time.perf_counter() - started
 
         db.Database._open_with_retry = timed_open  # type: ignore[method-assign]
-        store.StepStore.map_blob = timed_read  # type: ignore[method-assign]
+        store.StepStore.read_blob = timed_read  # type: ignore[method-assign]
 
     def reset(self) -> None:
         self.opens, self.open_seconds, self.blob_seconds = 0, 0.0, 0.0

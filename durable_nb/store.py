@@ -16,6 +16,7 @@ import json
 import logging
 import mmap
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,11 @@ from .errors import UnknownStepError
 log = logging.getLogger(__name__)
 
 DEFAULT_INLINE_LIMIT = 256 * 1024
+# Payload files this large are memory-mapped on restore; smaller ones are read. A map holds
+# a file descriptor while the value lives (before Python 3.13): a notebook with thousands
+# of arrays over this size needs a higher `ulimit -n` (Linux's default soft limit is 1024).
+MAP_BLOBS_FROM = 1024 * 1024
+_MAP_WITHOUT_DESCRIPTOR = sys.version_info >= (3, 13)  # mmap(trackfd=False)
 # gc leaves payload files younger than this alone: they may belong to a step that another
 # process is committing right now.
 GC_GRACE_SECONDS = 3600.0
@@ -253,26 +259,39 @@ class StepStore:
     def blob_path(self, sha256: str) -> str:
         return os.path.join(self.blob_dir, sha256[:2], sha256)
 
-    def map_blob(self, sha256: str, size_bytes: int) -> mmap.mmap:
-        """A payload file mapped copy-on-write.
+    def read_blob(self, sha256: str, size_bytes: int) -> memoryview:
+        """A payload file's bytes as writable memory.
 
-        Restoring costs no read and no copy: pages come from the page cache when first
-        touched, and writes to them stay private to this process. Safe because payload
-        files are never changed in place (written once, renamed into place, only unlinked
-        by gc, and an unlinked file stays valid while mapped).
+        A large file is mapped copy-on-write: restoring costs no read and no copy, pages
+        come from the page cache when first touched, and writes stay private to this
+        process. Safe because payload files never change in place (written once, renamed
+        into place, only unlinked by gc; an unlinked file stays valid while mapped). Each
+        file map holds a file descriptor (before Python 3.13), so smaller files are read
+        into anonymous memory instead (no descriptor, and unlike a bytearray no zero-fill
+        pass): many small arrays must not exhaust the descriptor limit.
         """
-        with open(self.blob_path(sha256), "rb") as handle:
+        with open(self.blob_path(sha256), "rb", buffering=0) as handle:
             found = os.fstat(handle.fileno()).st_size
             if found != size_bytes:
                 raise OSError(f"payload file {sha256} has {found} bytes, {size_bytes} recorded")
-            return mmap.mmap(handle.fileno(), size_bytes, access=mmap.ACCESS_COPY)
+            if size_bytes >= MAP_BLOBS_FROM or _MAP_WITHOUT_DESCRIPTOR:
+                options = {"trackfd": False} if _MAP_WITHOUT_DESCRIPTOR else {}
+                return memoryview(mmap.mmap(handle.fileno(), size_bytes, access=mmap.ACCESS_COPY,
+                                            **options))
+            view = memoryview(_anonymous_memory(size_bytes))
+            read = 0
+            while read < size_bytes:
+                count = handle.readinto(view[read:])
+                if not count:
+                    raise OSError(f"payload file {sha256} ended after {read} bytes")
+                read += count
+            return view
 
     def _place_chunks(self, chunks: Iterable[StoredChunk]) -> list[tuple[int, bytes | None, str | None]]:
         placed: list[tuple[int, bytes | None, str | None]] = []
         for chunk in chunks:
-            if isinstance(chunk, BlobReference):  # already a payload file: refer to it again
-                placed.append((chunk.size_bytes, None, chunk.sha256))
-                continue
+            if isinstance(chunk, BlobReference):
+                raise TypeError("a chunk to record must be bytes, not a stored reference")
             view = memoryview(chunk).cast("B")
             if view.nbytes <= self.inline_limit:
                 placed.append((view.nbytes, view.tobytes(), None))
@@ -284,6 +303,9 @@ class StepStore:
         sha256 = hashlib.sha256(view).hexdigest()
         path = self.blob_path(sha256)
         if os.path.exists(path) and os.path.getsize(path) == view.nbytes:
+            # Touch it: gc spares files younger than its grace period, and this one is
+            # about to be referenced again.
+            os.utime(path)
             return sha256
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
@@ -511,7 +533,7 @@ def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
     chunks: list[Chunk] = []
     for index, chunk in enumerate(variable.chunks):
         if isinstance(chunk, BlobReference):
-            chunks.append(memoryview(store.map_blob(chunk.sha256, chunk.size_bytes)))
+            chunks.append(store.read_blob(chunk.sha256, chunk.size_bytes))
         else:
             chunks.append(bytearray(chunk) if index else chunk)
     return chunks
@@ -522,6 +544,18 @@ def _record_from_row(row: dict[str, Any]) -> StepRecord:
     for column in ("unrestorable", "inputs", "attempt_errors", "output_digests"):
         row[column] = json.loads(row[column])
     return StepRecord(**row)
+
+
+def _anonymous_memory(size_bytes: int) -> mmap.mmap | bytearray:
+    if size_bytes == 0:
+        return bytearray()
+    memory = mmap.mmap(-1, size_bytes)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # fewer page faults while it is filled
+        try:
+            memory.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return memory
 
 
 def _fsync_directory(directory: str) -> None:

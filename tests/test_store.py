@@ -211,3 +211,25 @@ def test_version_1_store_is_migrated_in_place_keeping_its_steps(tmp_path: Path) 
     assert (step.step_name, step.duration_seconds, step.attempts, step.inputs) == ("load", 2.5, 1, {})
     with duckdb.connect(str(path)) as connection:
         assert connection.execute("SELECT value FROM durable_nb_meta").fetchone() == (str(db.SCHEMA_VERSION),)
+
+
+def test_restoring_many_payloads_holds_no_file_descriptors(tmp_path: Path) -> None:
+    store = StepStore(tmp_path / "s.duckdb", inline_limit=1024)
+    arrays = [encode(f"a{index}", np.full(40_000, float(index))) for index in range(300)]
+    store.record_step(record(1, "many"), [], arrays)  # type: ignore[arg-type]
+    before = len(os.listdir("/proc/self/fd"))
+    _, variables = store.read_step(store.live_steps("wf")[0])
+    values = [decode(v, load_chunks(store, v)) for v in variables]
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
+    assert sorted(float(value[0]) for value in values) == [float(i) for i in range(300)]
+
+
+def test_gc_spares_a_payload_file_that_a_new_record_reuses(tmp_path: Path) -> None:
+    store = StepStore(tmp_path / "s.duckdb", inline_limit=1024)
+    store.record_step(record(1, "one"), [], [encode("a", np.ones(1000))])  # type: ignore[list-item]
+    [name] = [f for _, _, files in os.walk(store.blob_dir) for f in files]
+    old = time.time() - 7200
+    os.utime(store.blob_path(name), (old, old))
+    store.delete_steps("wf")
+    store.record_step(record(1, "again"), [], [encode("a", np.ones(1000))])  # type: ignore[list-item]
+    assert store.gc() == 0 and os.path.exists(store.blob_path(name))
