@@ -23,7 +23,7 @@ from .context import StepContext, backoff_delay, deadline, running
 from .decision import Decision, decide
 from .errors import (DurableError, DuplicateStepError, NonDeterminismError,
                      StepNotRecordedError, WorkflowNotNamedError)
-from .fingerprint import code_fingerprint, value_digest
+from .fingerprint import code_fingerprint, sized_digest, value_digest
 from .db import lock_timeout_or_default
 from .host import Host, ReplayedResult
 from .reads import input_names
@@ -213,8 +213,11 @@ class DurableExecutor:
             if state.is_spent(value):  # a closed file left by `with open(...) as f:`
                 continue
             known = self._known_digests.get(name, value) if self._trust_known_digests else None
-            digests[name] = known if known is not None else value_digest(value)
-            self._known_digests.remember(name, value, digests[name])
+            if known is not None:
+                digests[name] = known
+                continue
+            digests[name], size_bytes = sized_digest(value)
+            self._known_digests.remember(name, value, digests[name], size_bytes)
         return digests
 
     def _still_there(self, step_name: str) -> dict[str, str]:
@@ -260,8 +263,10 @@ class DurableExecutor:
         state.apply(self.host.namespace, values, deleted)
         digests = {variable.name: variable.content_digest for variable in stored
                    if variable.content_digest and variable.name in values}
-        for name, digest in digests.items():
-            self._known_digests.remember(name, values[name], digest)
+        for variable in stored:
+            if variable.name in digests:
+                self._known_digests.remember(variable.name, values[variable.name],
+                                             digests[variable.name], variable.size_bytes)
         self._leave_behind(record.step_name, values, digests)
         result = self._show(outputs)
         if record.unrestorable:
@@ -404,11 +409,8 @@ class DurableExecutor:
                 unstorable.append(encoded)
                 continue
             digest = digests.get(name) or value_digest(value)
-            self._known_digests.remember(name, value, digest)
+            self._known_digests.remember(name, value, digest, encoded.size_bytes)
             stored.append(replace(encoded, content_digest=digest))
-        for name, digest in digests.items():  # read, not changed: still known
-            if name in namespace:
-                self._known_digests.remember(name, namespace[name], digest)
         stored.extend(state.deletion(name) for name in deleted if name not in options.exclude)
         return stored, unstorable
 

@@ -38,7 +38,12 @@ def is_opaque(digest: str) -> bool:
 
 def value_digest(value: Any) -> str:
     """A content digest, equal in any kernel process and for a value's restored copy;
-    `type:module.Class` when the value cannot be pickled (a connection, a lock).
+    `type:module.Class` when the value cannot be pickled (a connection, a lock)."""
+    return sized_digest(value)[0]
+
+
+def sized_digest(value: Any) -> tuple[str, int]:
+    """`value_digest`, and how many bytes it hashed (what hashing the value again costs).
 
     SHA-256 over a cloudpickle (protocol 5) of the value, with these parts made stable:
     - notebook functions and classes count by their code (`code_digest`), not by the
@@ -51,7 +56,7 @@ def value_digest(value: Any) -> str:
       dtypes differently): the pickle is written without its memo, except for a value with
       a cycle, where only strings are written in full.
     """
-    digest = hashlib.sha256()
+    digest = _CountingHash()
     stream = io.BytesIO()
     pickler = _DigestPickler(stream, protocol=5, buffer_callback=out_of_band(digest.update))
     pickler.fast = True  # no memo: each part is written in full wherever it occurs
@@ -63,15 +68,28 @@ def value_digest(value: Any) -> str:
             # cycle of reduced objects (a method's `__class__` cell refers back to its class).
             if "cyclic" not in str(exc) and "recursion" not in str(exc):
                 raise
-            digest, stream = hashlib.sha256(), io.BytesIO()
+            digest, stream = _CountingHash(), io.BytesIO()
             _DigestPickler(stream, protocol=5, buffer_callback=out_of_band(digest.update)).dump(value)
             _hash_with_strings_in_full(stream.getvalue(), digest)
         else:
             digest.update(stream.getvalue())
     except Exception:  # pickling fails in many library-specific ways
         kind = type(value)
-        return f"{OPAQUE_PREFIX}{kind.__module__}.{kind.__qualname__}"
-    return digest.hexdigest()
+        return f"{OPAQUE_PREFIX}{kind.__module__}.{kind.__qualname__}", 0
+    return digest.hexdigest(), digest.count
+
+
+class _CountingHash:
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.count = 0
+
+    def update(self, data: Any) -> None:
+        self._hash.update(data)
+        self.count += memoryview(data).nbytes
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 def out_of_band(take: Callable[[memoryview], Any]) -> Callable[[pickle.PickleBuffer], bool]:

@@ -153,9 +153,12 @@ _REACHES_ANYTHING = re.compile(r"%run|\bexec\b|\beval\b|\bglobals\b|\bvars\b|use
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+REMEMBER_DIGESTS_FROM = 1024 * 1024
+
+
 class KnownDigests:
-    """Digests of namespace values whose content is known, so a 1 GB array an earlier step
-    produced is not hashed again each time a later step reads it.
+    """Digests of large namespace values whose content is known, so a 1 GB array an earlier
+    step produced is not hashed again each time a later step reads it.
 
     An entry holds for one object (checked by identity) until a plain cell could have
     changed it: any cell whose text mentions the name, a notebook function that uses it,
@@ -169,8 +172,13 @@ class KnownDigests:
         entry = self._entries.get(name)
         return entry[1] if entry is not None and entry[0] == id(value) else None
 
-    def remember(self, name: str, value: Any, digest: str) -> None:
-        self._entries[name] = (id(value), digest)
+    def remember(self, name: str, value: Any, digest: str, size_bytes: int) -> None:
+        # Only where hashing again would cost something: anything smaller is hashed afresh
+        # each time, so a change made outside a cell (a widget callback, a thread) is seen.
+        if size_bytes >= REMEMBER_DIGESTS_FROM:
+            self._entries[name] = (id(value), digest)
+        else:
+            self._entries.pop(name, None)
 
     def forget_touched_by(self, cell_text: str, namespace: Mapping[str, Any]) -> None:
         if not self._entries:

@@ -206,7 +206,8 @@ def test_current_step_gives_identity_and_a_stable_idempotency_key(session: Noteb
 
 def test_plain_cell_mutating_a_step_result_makes_readers_execute(
         session: NotebookSession, counter: Path) -> None:
-    cells = [step(counter, "make", "import numpy as np\narr = np.zeros(1000)"),
+    # Over 1 MiB, so its digest is remembered and the plain cell must make it forget.
+    cells = [step(counter, "make", "import numpy as np\narr = np.zeros(200_000)"),
              step(counter, "use", "total = float(arr.sum())")]
     run_notebook(session, cells)
     session.restart()
@@ -312,3 +313,12 @@ def test_a_step_changing_a_notebook_class_is_recorded(session: NotebookSession, 
     session.restart()
     run_notebook(session, cells)
     assert session.ns["value"] == 500 and runs(counter) == ["tune", "use"]
+
+
+def test_small_value_changed_outside_any_cell_is_seen(session: NotebookSession, counter: Path) -> None:
+    session.ok("params = {'alpha': 1}")
+    cell = step(counter, "fit", "score = params['alpha'] * 10")
+    session.ok(cell)
+    session.ns["params"]["alpha"] = 5  # as a widget callback or a thread would
+    session.ok(cell)
+    assert runs(counter) == ["fit", "fit"] and session.ns["score"] == 50
