@@ -171,12 +171,23 @@ def _reduce_array(obj: Any, numpy: Any) -> Any:
 
 
 class _DigestPickler(cloudpickle.Pickler):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Without a memo, an array held in fifty places would be hashed fifty times.
+        self._arrays: dict[int, int] = {}
+        self._keep_alive: list[Any] = []
+
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
             return _reduce_notebook_code(obj)
         numpy, masked = sys.modules.get("numpy"), sys.modules.get("numpy.ma")
         if numpy is not None and (type(obj) is numpy.ndarray
                                   or (masked is not None and isinstance(obj, masked.MaskedArray))):
+            seen = self._arrays.get(id(obj))
+            if seen is not None:
+                return _stand_in, ("the same array as", seen)
+            self._arrays[id(obj)] = len(self._arrays)
+            self._keep_alive.append(obj)
             return _reduce_array(obj, numpy)
         return super().reducer_override(obj)
 

@@ -64,3 +64,14 @@ def test_unpicklable_value_is_fingerprinted_by_type() -> None:
 
     digest = value_digest(threading.Lock())
     assert is_opaque(digest) and "lock" in digest.lower()
+
+
+def test_an_array_shared_by_many_objects_is_hashed_once() -> None:
+    from durable_nb.fingerprint import sized_digest
+
+    weights = np.ones(100_000)
+    models = [{"weights": weights, "id": index} for index in range(50)]
+    _, hashed = sized_digest(models)
+    assert hashed < 2 * weights.nbytes
+    copy = pickle.loads(cloudpickle.dumps(models, protocol=5))
+    assert value_digest(copy) == value_digest(models)
