@@ -129,10 +129,7 @@ class StepStatusWidget(widgets.VBox):
     def reset_step(self, step_name: str) -> str:
         """Forget a step and every later one in the store; they execute when next run."""
         self.follow_workflow()
-        positions = [row["sequence_number"] for row in self.step_rows if row["name"] == step_name]
-        removed = self._executor.reset(step_name)
-        position = positions[0] if positions else 1
-        self._show_rows([row for row in self.step_rows if row["sequence_number"] < position])
+        removed = self._executor.reset(step_name)  # its `reset` event updates the rows
         return f"Reset {step_name!r}: {removed} record(s) forgotten."
 
     def close(self) -> None:
