@@ -123,17 +123,21 @@ class NotInStepError(DurableError):
 class StepNotRecordedError(DurableError):
     """The step's code ran, but its record could not be committed."""
 
-    def __init__(self, step_name: str, cause: BaseException) -> None:
+    def __init__(self, step_name: str, cause: BaseException, pending: bool = False) -> None:
         self.step_name = step_name
+        self.pending = pending
         if isinstance(cause, StoreLockedError):
             why = (f"the store {cause.path!r} stayed locked by another process ({cause.holder}) "
                    f"for {cause.waited_seconds:.0f} s")
-            advice = "Stop that process (or raise the lock timeout), then run the cell again."
         else:
             why = f"{type(cause).__name__}: {cause}"
-            advice = "Run the cell again once the cause is fixed."
-        super().__init__(
-            f"Step {step_name!r} ran, but its record could not be committed: {why}. Its "
-            "results are in the namespace now, but it will not replay: it executes again when "
-            f"next run. {advice}"
-        )
+        if pending:
+            outcome = ("Its results are in the namespace, and durable_nb commits its record "
+                       "before the next step runs (running any step retries it); until then a "
+                       "kernel crash would make it run again. Stop the process that holds the "
+                       "store, or raise the lock timeout.")
+        else:
+            outcome = ("Its results are in the namespace now, but it will not replay: it "
+                       "executes again when next run. Run the cell again once the cause is fixed.")
+        super().__init__(f"Step {step_name!r} ran, but its record could not be committed: "
+                         f"{why}. {outcome}")

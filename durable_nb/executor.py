@@ -8,6 +8,7 @@ is committed before the cell returns (persist before progress).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -22,7 +23,7 @@ from .cell import compile_cell, run_compiled
 from .context import StepContext, backoff_delay, deadline, running
 from .decision import Decision, decide
 from .errors import (DurableError, DuplicateStepError, NonDeterminismError,
-                     StepNotRecordedError, WorkflowNotNamedError)
+                     StepNotRecordedError, StoreLockedError, WorkflowNotNamedError)
 from .fingerprint import code_fingerprint, sized_digest, value_digest
 from .db import lock_timeout_or_default
 from .host import Host, ReplayedResult
@@ -105,6 +106,7 @@ class DurableExecutor:
             lambda text: self._known_digests.forget_touched_by(text, host.namespace))
         # Step name -> the cell it ran from, this session (only where cell ids are known).
         self._cells_by_step: dict[str, str] = {}
+        self._pending: _PendingCommit | None = None
         # Step name -> {variable: (id of the object, digest)} it left behind this session.
         self._left_behind: dict[str, dict[str, tuple[int, str]]] = {}
 
@@ -185,6 +187,7 @@ class DurableExecutor:
         Returns the value to show as the cell's result (None for none).
         """
         __tracebackhide__ = True  # noqa: F841
+        self._commit_pending()
         workflow_id = self.workflow_id
         transformed = self.host.transform(source)
         inputs = self._input_digests(transformed)
@@ -219,6 +222,19 @@ class DurableExecutor:
             digests[name], size_bytes = sized_digest(value)
             self._known_digests.remember(name, value, digests[name], size_bytes)
         return digests
+
+    def _commit_pending(self) -> None:
+        """Commit a step that ran while the store was locked, before any other step runs."""
+        pending = self._pending
+        if pending is None:
+            return
+        try:
+            completed = pending.commit()
+        except StoreLockedError as exc:
+            raise StepNotRecordedError(pending.step_name, exc, pending=True) from exc
+        self._pending = None
+        log.info("Committed step %r, which had waited for the store", pending.step_name)
+        pending.committed(completed)
 
     def _still_there(self, step_name: str) -> dict[str, str]:
         """What this step left behind in this session that the namespace still holds."""
@@ -309,7 +325,13 @@ class DurableExecutor:
 
         def record(status: str, outputs: list[StoredOutput], stored: list[StoredVariable],
                    unrestorable: dict[str, str], error: str | None) -> StepRecord:
-            return self.store.record_step(
+            return prepare(status, outputs, stored, unrestorable, error)()
+
+        def prepare(status: str, outputs: list[StoredOutput], stored: list[StoredVariable],
+                    unrestorable: dict[str, str], error: str | None) -> Callable[[], StepRecord]:
+            """The commit of this outcome, its times fixed now (it may have to wait)."""
+            return functools.partial(
+                self.store.record_step,
                 StepRecord(workflow_id, decision.sequence_number, step_name, status,
                            code_fingerprint(transformed), source, decision.reason, started_at,
                            utc_now(), time.perf_counter() - started, error=error,
@@ -361,16 +383,25 @@ class DurableExecutor:
             time.sleep(delay)
         change = watch.changes(namespace)
         stored, unstorable = self._encode(change, watch.after_digests, options)
+        commit = prepare(COMPLETED, recorder.outputs, stored,
+                         {item.name: item.reason for item in unstorable}, None)
+
+        def committed(completed: StepRecord) -> None:
+            self._leave_behind(step_name, namespace, {v.name: v.content_digest for v in stored
+                                                      if v.content_digest})
+            self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "executed",
+                                 decision.reason, completed.duration_seconds, completed,
+                                 completed.attempts))
+
         try:
-            completed = record(COMPLETED, recorder.outputs, stored,
-                               {item.name: item.reason for item in unstorable}, None)
+            completed = commit()
+        except StoreLockedError as exc:
+            # The work is done and encoded: keep it, and commit it before anything else runs.
+            self._pending = _PendingCommit(step_name, commit, committed)
+            raise StepNotRecordedError(step_name, exc, pending=True) from exc
         except Exception as exc:
             raise StepNotRecordedError(step_name, exc) from exc
-        self._leave_behind(step_name, namespace, {v.name: v.content_digest for v in stored
-                                                  if v.content_digest})
-        self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "executed",
-                             decision.reason, completed.duration_seconds, completed,
-                             completed.attempts))
+        committed(completed)
         if unstorable:
             details = "; ".join(f"{item.name!r} ({item.reason})" for item in unstorable)
             _warn(step_name,
@@ -413,6 +444,13 @@ class DurableExecutor:
             stored.append(replace(encoded, content_digest=digest))
         stored.extend(state.deletion(name) for name in deleted if name not in options.exclude)
         return stored, unstorable
+
+
+@dataclass(frozen=True)
+class _PendingCommit:
+    step_name: str
+    commit: Callable[[], StepRecord]
+    committed: Callable[[StepRecord], None]
 
 
 def _warn(step_name: str, message: str) -> None:

@@ -147,19 +147,23 @@ def test_failing_step_on_a_locked_store_keeps_its_own_error_and_the_history(tmp_
     assert [s.step_name for s in flow.steps()] == ["warm"]
 
 
-def test_completed_step_on_a_locked_store_fails_the_cell_naming_the_file(tmp_path: Path) -> None:
+def test_step_that_ran_while_the_store_was_locked_is_committed_before_the_next_step(
+        tmp_path: Path) -> None:
     path = tmp_path / "s.duckdb"
+    calls = tmp_path / "calls.txt"
     flow = Workflow("wf", db=path, lock_timeout=0.2)
     flow.run_cell("warm", "x = 1")
+    work = f"open({str(calls)!r}, 'a').write('x')\ny = 2"
     with lock_held_by_another_process(path) as pid, pytest.raises(StepNotRecordedError) as caught:
-        flow.run_cell("next", "y = 2")
+        flow.run_cell("next", work)
     message = str(caught.value)
     assert "'next' ran, but its record could not be committed" in message
-    assert str(path) in message and f"PID {pid}" in message and "executes again" in message
-    flow.restart()
-    flow.run_cell("warm", "x = 1")
-    flow.run_cell("next", "y = 2")
-    assert [(s.step_name, s.status) for s in flow.steps()] == [("warm", "completed"), ("next", "completed")]
+    assert str(path) in message and f"PID {pid}" in message and "before the next step" in message
+    assert [s.step_name for s in StepStore(path).live_steps("wf")] == ["warm"]
+    flow.run_cell("next", work)  # commits the waiting record first, then replays it
+    flow.run_cell("last", "z = y + 1")
+    assert calls.read_text() == "x" and flow.namespace["z"] == 3
+    assert [s.step_name for s in StepStore(path).live_steps("wf")] == ["warm", "next", "last"]
 
 
 def test_cached_history_sees_commits_from_another_store_handle(tmp_path: Path) -> None:
