@@ -42,27 +42,6 @@ def make_shell(ipython_dir: str):
     return InteractiveShell.instance(config=config)
 
 
-class OpenCounter:
-    """Counts and times the store's DuckDB connection opens (instrumentation only)."""
-
-    def __init__(self) -> None:
-        from durable_nb import db
-
-        self.count = 0
-        self.seconds = 0.0
-        original = db.Database._open_with_retry
-
-        def timed_open(database):  # type: ignore[no-untyped-def]
-            started = time.perf_counter()
-            try:
-                return original(database)
-            finally:
-                self.count += 1
-                self.seconds += time.perf_counter() - started
-
-        db.Database._open_with_retry = timed_open  # type: ignore[method-assign]
-
-
 def bare_open_close_ms(path: str, repeat: int = 20) -> float:
     import duckdb
 
@@ -102,7 +81,10 @@ def main() -> int:
         ip = make_shell(os.path.join(workdir, "ipython"))
         db = os.path.join(workdir, "store.duckdb")
         ip.run_line_magic("load_ext", "durable_nb")
-        opens = OpenCounter()
+        from durable_nb.db import Database
+        from timing import CallTimer
+
+        opens = CallTimer(Database, "_open_with_retry")
         workflow_line = f"bench --db {db}"
         cells = [f"%%durable_step step_{i}\n{body(i)}" for i in range(steps)]
 
@@ -133,7 +115,7 @@ def main() -> int:
 
             profiler = cProfile.Profile()
             profiler.enable()
-        opens.count, opens.seconds = 0, 0.0
+        opens.reset()
         replay = [run_checked(ip, cell) for cell in cells]
         if profiler is not None:
             profiler.disable()

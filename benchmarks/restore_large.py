@@ -35,37 +35,30 @@ TARGET_RATIO = 1.0
 
 
 class Meter:
-    """Times the store's DuckDB connection opens and payload-file mappings (instrumentation)."""
+    """Times the store's DuckDB connection opens and payload-file reads (instrumentation)."""
 
     def __init__(self) -> None:
         from durable_nb import db, store
+        from timing import CallTimer
 
-        self.opens = 0
-        self.open_seconds = 0.0
-        self.blob_seconds = 0.0
-        open_original = db.Database._open_with_retry
-        read_original = store.StepStore.read_blob
+        self._opens = CallTimer(db.Database, "_open_with_retry")
+        self._reads = CallTimer(store.StepStore, "read_blob")
 
-        def timed_open(database):  # type: ignore[no-untyped-def]
-            started = time.perf_counter()
-            try:
-                return open_original(database)
-            finally:
-                self.opens += 1
-                self.open_seconds += time.perf_counter() - started
+    @property
+    def opens(self) -> int:
+        return self._opens.count
 
-        def timed_read(step_store, sha256, size_bytes):  # type: ignore[no-untyped-def]
-            started = time.perf_counter()
-            try:
-                return read_original(step_store, sha256, size_bytes)
-            finally:
-                self.blob_seconds += time.perf_counter() - started
+    @property
+    def open_seconds(self) -> float:
+        return self._opens.seconds
 
-        db.Database._open_with_retry = timed_open  # type: ignore[method-assign]
-        store.StepStore.read_blob = timed_read  # type: ignore[method-assign]
+    @property
+    def blob_seconds(self) -> float:
+        return self._reads.seconds
 
     def reset(self) -> None:
-        self.opens, self.open_seconds, self.blob_seconds = 0, 0.0, 0.0
+        self._opens.reset()
+        self._reads.reset()
 
 
 METER: Meter | None = None
@@ -249,7 +242,7 @@ def main() -> int:
               f"{result['nbytes'] / statistics.median(result['pickle']) / 1e9:.2f} GB/s; "
               f"replayed without executing={result['replayed']}")
         print(f"    per replay (mean): {result['opens']:.1f} DuckDB connection opens taking "
-              f"{result['open_ms']:.1f} ms; payload-file mapping {result['blob_ms']:.1f} ms")
+              f"{result['open_ms']:.1f} ms; payload-file reads {result['blob_ms']:.1f} ms")
         print(f"    restore + one full pass over the value: replay "
               f"{statistics.median(result['replay_touch']) * 1000:.1f} ms, pickle.load "
               f"{statistics.median(result['pickle_touch']) * 1000:.1f} ms")

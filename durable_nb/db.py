@@ -84,7 +84,6 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE steps ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1",
         "ALTER TABLE steps ADD COLUMN attempt_errors VARCHAR NOT NULL DEFAULT '[]'",
         "ALTER TABLE steps ADD COLUMN cell_id VARCHAR",
-        "ALTER TABLE steps ADD COLUMN output_digests VARCHAR NOT NULL DEFAULT '{}'",
         "ALTER TABLE step_variables ADD COLUMN content_digest VARCHAR",
     ],
 }

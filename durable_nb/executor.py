@@ -161,11 +161,8 @@ class DurableExecutor:
         position when it runs again; listeners hear a `reset` event for that position.
         """
         workflow_id = self.workflow_id
-        position = 1
-        if step_name is not None:
-            position = next((record.sequence_number for record in self.history()
-                             if record.step_name == step_name), position)
-        count = self.store.reset_steps(workflow_id, step_name)
+        position = 1 if step_name is None else self.store.position_of(workflow_id, step_name)
+        count = self.store.delete_steps(workflow_id, from_sequence_number=position)
         self.next_sequence_number = min(self.next_sequence_number, position)
         log.info("Reset %d step record(s) of workflow %r%s", count, workflow_id,
                  f" from step {step_name!r} on" if step_name else "")
@@ -191,8 +188,9 @@ class DurableExecutor:
         workflow_id = self.workflow_id
         transformed = self.host.transform(source)
         inputs = self._input_digests(transformed)
+        fingerprint = code_fingerprint(transformed)
         decision = decide(self.store.live_steps(workflow_id), step_name,
-                          code_fingerprint(transformed), inputs, self.next_sequence_number,
+                          fingerprint, inputs, self.next_sequence_number,
                           force=options.force, own_outputs=self._still_there(step_name))
         self._check_unique(step_name, decision)
         if self.strict and decision.diverges and decision.record is not None:
@@ -205,8 +203,8 @@ class DurableExecutor:
             except RestoreError as exc:
                 _warn(step_name, str(exc))
                 decision = replace(decision, replay=False, reason=f"replay failed: {exc}")
-        return self._execute(workflow_id, step_name, source, transformed, inputs, decision,
-                             options)
+        return self._execute(workflow_id, step_name, source, transformed, fingerprint, inputs,
+                             decision, options)
 
     def _input_digests(self, transformed: str) -> dict[str, str]:
         namespace = self.host.namespace
@@ -277,12 +275,12 @@ class DurableExecutor:
                 raise RestoreError(record.step_name, variable.name,
                                    f"{type(exc).__name__}: {exc}") from exc
         state.apply(self.host.namespace, values, deleted)
-        digests = {variable.name: variable.content_digest for variable in stored
-                   if variable.content_digest and variable.name in values}
+        digests: dict[str, str] = {}
         for variable in stored:
-            if variable.name in digests:
+            if variable.content_digest and variable.name in values:
+                digests[variable.name] = variable.content_digest
                 self._known_digests.remember(variable.name, values[variable.name],
-                                             digests[variable.name], variable.size_bytes)
+                                             variable.content_digest, variable.size_bytes)
         self._leave_behind(record.step_name, values, digests)
         result = self._show(outputs)
         if record.unrestorable:
@@ -315,7 +313,8 @@ class DurableExecutor:
     # -- execute -----------------------------------------------------------------------
 
     def _execute(self, workflow_id: str, step_name: str, source: str, transformed: str,
-                 inputs: dict[str, str], decision: Decision, options: StepOptions) -> Any:
+                 fingerprint: str, inputs: dict[str, str], decision: Decision,
+                 options: StepOptions) -> Any:
         __tracebackhide__ = True  # noqa: F841
         log.info("Executing step %r (#%d): %s", step_name, decision.sequence_number, decision.reason)
         namespace = self.host.namespace
@@ -323,23 +322,17 @@ class DurableExecutor:
         started_at, started = utc_now(), time.perf_counter()
         attempt_errors: list[dict[str, Any]] = []
 
-        def record(status: str, outputs: list[StoredOutput], stored: list[StoredVariable],
-                   unrestorable: dict[str, str], error: str | None) -> StepRecord:
-            return prepare(status, outputs, stored, unrestorable, error)()
-
         def prepare(status: str, outputs: list[StoredOutput], stored: list[StoredVariable],
                     unrestorable: dict[str, str], error: str | None) -> Callable[[], StepRecord]:
             """The commit of this outcome, its times fixed now (it may have to wait)."""
             return functools.partial(
                 self.store.record_step,
                 StepRecord(workflow_id, decision.sequence_number, step_name, status,
-                           code_fingerprint(transformed), source, decision.reason, started_at,
+                           fingerprint, source, decision.reason, started_at,
                            utc_now(), time.perf_counter() - started, error=error,
                            unrestorable=unrestorable, inputs=inputs,
                            attempts=len(attempt_errors) + (status == COMPLETED),
-                           attempt_errors=list(attempt_errors), cell_id=self.host.cell_id(),
-                           output_digests={v.name: v.content_digest for v in stored
-                                           if v.content_digest}),
+                           attempt_errors=list(attempt_errors), cell_id=self.host.cell_id()),
                 outputs, stored,
                 # Only a result changes the history: a failure leaves it as it was.
                 supersede_from=decision.supersede_from if status == COMPLETED else None,
@@ -369,7 +362,7 @@ class DurableExecutor:
                         "attempt": attempt, "error": f"{type(exc).__name__}: {exc}",
                         "seconds": round(time.perf_counter() - attempt_started, 6),
                         "backoff_seconds": round(delay, 6)})
-                    failed = self._record_failure(record, recorder.outputs, exc)
+                    failed = self._record_failure(prepare, recorder.outputs, exc)
                     self._emit(StepEvent(workflow_id, decision.sequence_number, step_name,
                                          "failed", decision.reason,
                                          time.perf_counter() - started, failed, attempt))
@@ -411,10 +404,10 @@ class DurableExecutor:
         return value
 
     @staticmethod
-    def _record_failure(record: Callable[..., StepRecord], outputs: list[StoredOutput],
-                        exc: BaseException) -> StepRecord | None:
+    def _record_failure(prepare: Callable[..., Callable[[], StepRecord]],
+                        outputs: list[StoredOutput], exc: BaseException) -> StepRecord | None:
         try:
-            return record(FAILED, outputs, [], {}, "".join(traceback.format_exception(exc)))
+            return prepare(FAILED, outputs, [], {}, "".join(traceback.format_exception(exc)))()
         except Exception as store_exc:  # the user's own exception must come through
             exc.add_note(f"durable_nb could not record this failure: {store_exc}")
             return None

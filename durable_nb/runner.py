@@ -108,6 +108,8 @@ class NotebookRunner:
             self.store_path = str(self.working_directory / DEFAULT_STORE_FILENAME)
         self.environment = {**os.environ, "DURABLE_NB_WORKFLOW": workflow or self.path.name,
                             "DURABLE_NB_DB": self.store_path}
+        # One handle for the whole run: its cached history makes a replayed step's check free.
+        self.store = StepStore(self.store_path)
         self.max_restarts = max_restarts
         self.cell_timeout = cell_timeout
         self.kernel_name = kernel_name
@@ -182,7 +184,7 @@ class NotebookRunner:
             return StepOutcome(attempt, cell_index, name, "failed", seconds)
         try:
             records = {record.step_name: record
-                       for record in StepStore(self.store_path).live_steps(self.workflow)}
+                       for record in self.store.live_steps(self.workflow)}
         except DurableError:
             records = {}
         record = records.get(name)

@@ -9,8 +9,8 @@ functions among them. The digests taken before are the step's input fingerprint 
 
 Values are encoded with cloudpickle at protocol 5 with out-of-band buffers: numpy arrays
 and pandas frames hand over their memory as separate chunks, which the store writes to
-payload files without copying them into the pickle stream, and which restore with one
-read into a fresh buffer.
+payload files without copying them into the pickle stream (see StepStore.read_blob for how
+they come back).
 """
 
 from __future__ import annotations

@@ -80,7 +80,6 @@ class StepRecord:
     attempts: int = 1
     attempt_errors: list[dict[str, Any]] = field(default_factory=list)
     cell_id: str | None = None
-    output_digests: dict[str, str] = field(default_factory=dict)  # name -> digest it left
 
 
 @dataclass(frozen=True)
@@ -228,13 +227,16 @@ class StepStore:
     def reset_steps(self, workflow_id: str, step_name: str | None = None) -> int:
         """Forget a step and everything after it (all of the workflow's steps when no name is
         given), so they execute when next reached; returns how many records went."""
-        if step_name is None:
-            return self.delete_steps(workflow_id)
+        position = 1 if step_name is None else self.position_of(workflow_id, step_name)
+        return self.delete_steps(workflow_id, from_sequence_number=position)
+
+    def position_of(self, workflow_id: str, step_name: str) -> int:
+        """A step's position in the workflow's live history; UnknownStepError if not there."""
         history = self.live_steps(workflow_id)
         position = next((s.sequence_number for s in history if s.step_name == step_name), None)
         if position is None:
             raise UnknownStepError(self.path, workflow_id, step_name, [s.step_name for s in history])
-        return self.delete_steps(workflow_id, from_sequence_number=position)
+        return position
 
     def gc(self, grace_seconds: float = GC_GRACE_SECONDS) -> int:
         """Remove payload files no step refers to; returns how many were removed."""
@@ -424,14 +426,13 @@ class StepStore:
         connection.execute(
             "INSERT INTO steps (workflow_id, sequence_number, revision, step_name, status, "
             "code_fingerprint, code, reason, error, started_at, finished_at, duration_seconds, "
-            "state_bytes, unrestorable, inputs, attempts, attempt_errors, cell_id, output_digests, "
-            "superseded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "state_bytes, unrestorable, inputs, attempts, attempt_errors, cell_id, superseded_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [workflow_id, sequence_number, revision, stored.step_name, stored.status,
              stored.code_fingerprint, stored.code, stored.reason, stored.error, stored.started_at,
              stored.finished_at, stored.duration_seconds, stored.state_bytes,
              json.dumps(stored.unrestorable), json.dumps(stored.inputs), stored.attempts,
-             json.dumps(stored.attempt_errors), stored.cell_id, json.dumps(stored.output_digests),
-             stored.superseded_at])
+             json.dumps(stored.attempt_errors), stored.cell_id, stored.superseded_at])
         key = [workflow_id, sequence_number, revision]
         if outputs:
             connection.executemany(
@@ -541,7 +542,7 @@ def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
 
 def _record_from_row(row: dict[str, Any]) -> StepRecord:
     row = dict(row)
-    for column in ("unrestorable", "inputs", "attempt_errors", "output_digests"):
+    for column in ("unrestorable", "inputs", "attempt_errors"):
         row[column] = json.loads(row[column])
     return StepRecord(**row)
 

@@ -68,6 +68,17 @@ def session(tmp_path: Path) -> Iterator[NotebookSession]:
     shell.reset(new_session=True)
 
 
+def counted_step(counter: Path, name: str, body: str, options: str = "") -> str:
+    """A `%%durable_step` cell that appends its name to `counter` each time its code runs."""
+    return (f"%%durable_step {name} {options}\n"
+            f"with open({str(counter)!r}, 'a') as _f: _f.write({name!r} + '\\n')\n{body}")
+
+
+def runs(counter: Path) -> list[str]:
+    """The steps whose code ran, in order (replays add nothing)."""
+    return counter.read_text().split()
+
+
 @pytest.fixture
 def counter(tmp_path: Path) -> Path:
     """A file that steps append to: its line count is how often they really ran."""

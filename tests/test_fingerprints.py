@@ -11,16 +11,7 @@ import pytest
 
 from durable_nb.errors import DuplicateStepError, NonDeterminismError, StepTimeoutError
 
-from .conftest import NotebookSession
-
-
-def step(counter: Path, name: str, body: str, options: str = "") -> str:
-    return (f"%%durable_step {name} {options}\n"
-            f"with open({str(counter)!r}, 'a') as _f: _f.write({name!r} + '\\n')\n{body}")
-
-
-def runs(counter: Path) -> list[str]:
-    return counter.read_text().split()
+from .conftest import NotebookSession, counted_step as step, runs
 
 
 def run_notebook(session: NotebookSession, cells: list[str]) -> None:
@@ -322,3 +313,26 @@ def test_small_value_changed_outside_any_cell_is_seen(session: NotebookSession, 
     session.ns["params"]["alpha"] = 5  # as a widget callback or a thread would
     session.ok(cell)
     assert runs(counter) == ["fit", "fit"] and session.ns["score"] == 50
+
+
+def test_a_large_step_result_is_not_hashed_again_to_fingerprint_its_readers(
+        session: NotebookSession, counter: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from durable_nb import executor
+
+    hashed: list[int] = []
+    original = executor.sized_digest
+
+    def counting(value: object) -> tuple[str, int]:
+        hashed.append(id(value))
+        return original(value)
+
+    monkeypatch.setattr(executor, "sized_digest", counting)
+    cells = [step(counter, "make", "import numpy as np\narr = np.ones(200_000)"),
+             step(counter, "use", "total = float(arr.sum())")]
+    run_notebook(session, cells)
+    assert id(session.ns["arr"]) not in hashed  # known from when `make` recorded it
+    session.restart()
+    hashed.clear()
+    run_notebook(session, cells)
+    assert id(session.ns["arr"]) not in hashed  # known from the record `make` replayed
+    assert runs(counter) == ["make", "use"] and session.ns["total"] == 200_000.0
