@@ -18,17 +18,21 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
-from . import state
+from . import ambient, state
 from .cell import compile_cell, run_compiled
+from .codec import (ChangedInPlace, DecodedState, Unstorable, apply_state, decode_state,
+                    encode_state)
 from .context import StepContext, backoff_delay, deadline, running
 from .decision import Decision, decide
 from .errors import (DurableError, DuplicateStepError, NonDeterminismError,
                      StepNotRecordedError, StoreLockedError, WorkflowNotNamedError)
-from .fingerprint import code_fingerprint, sized_digest, value_digest
+from .fingerprint import code_fingerprint, is_opaque, sized_digest, value_digest
 from .db import lock_timeout_or_default
 from .host import Host, ReplayedResult
 from .reads import input_names
-from .store import (COMPLETED, FAILED, StepRecord, StepStore, StoredOutput, StoredVariable,
+from .references import LiveObjects, describe, index_live_objects, qualified_type_name
+from .store import (BOUND, COMPLETED, DELETED, FAILED, LEGACY_CODECS, PATCHED, STATE_ROW_NAME,
+                    STATE_STREAM, StepRecord, StepStore, StoredOutput, StoredVariable,
                     load_chunks, utc_now)
 
 log = logging.getLogger(__name__)
@@ -80,11 +84,12 @@ def resolve_store_path(explicit: str | None) -> str:
 
 
 class RestoreError(DurableError):
-    def __init__(self, step_name: str, variable_name: str, detail: str) -> None:
+    def __init__(self, step_name: str, variable_name: str | None, detail: str) -> None:
         self.step_name = step_name
         self.variable_name = variable_name
-        super().__init__(f"Cannot restore {variable_name!r} of step {step_name!r}: {detail}. "
-                         "The step executes instead.")
+        what = "the state" if variable_name is None else repr(variable_name)
+        super().__init__(f"Cannot restore {what} of step {step_name!r}: {detail}. "
+                         "The step executes instead, and is recorded anew.")
 
 
 class DurableExecutor:
@@ -103,6 +108,7 @@ class DurableExecutor:
         self._listeners: list[Callable[[StepEvent], None]] = []
         self._known_digests = state.KnownDigests()
         self._trust_known_digests = host.watch_plain_cells(
+            lambda text: self._known_digests.before_plain_cell(text, host.namespace),
             lambda text: self._known_digests.forget_touched_by(text, host.namespace))
         # Step name -> the cell it ran from, this session (only where cell ids are known).
         self._cells_by_step: dict[str, str] = {}
@@ -217,7 +223,8 @@ class DurableExecutor:
             if known is not None:
                 digests[name] = known
                 continue
-            digests[name], size_bytes = sized_digest(value)
+            digest, size_bytes = sized_digest(value)
+            digests[name] = self._known_digests.translate(value, digest)
             self._known_digests.remember(name, value, digests[name], size_bytes)
         return digests
 
@@ -261,28 +268,35 @@ class DurableExecutor:
     def _replay(self, record: StepRecord, reason: str) -> Any:
         started = time.perf_counter()
         outputs, stored = self.store.read_step(record)
-        values: dict[str, Any] = {}
-        deleted: list[str] = []
+        if any(variable.codec in LEGACY_CODECS for variable in stored):
+            raise RestoreError(record.step_name, None,
+                               "it was recorded by an earlier durable_nb, whose stored values "
+                               "could not keep their identity or see the live namespace")
+        namespace = self.host.namespace
+        problems: list[str] = []
+        stream = next((variable for variable in stored if variable.codec == STATE_STREAM), None)
+        deleted = [variable.name for variable in stored if variable.codec == DELETED]
         # Decode everything before touching the namespace: a value that cannot be restored
         # leaves the namespace as it was, and the step executes instead.
-        for variable in stored:
-            if variable.codec == state.DELETED:
-                deleted.append(variable.name)
-                continue
-            try:
-                values[variable.name] = state.decode(variable, load_chunks(self.store, variable))
-            except Exception as exc:
-                raise RestoreError(record.step_name, variable.name,
-                                   f"{type(exc).__name__}: {exc}") from exc
-        state.apply(self.host.namespace, values, deleted)
+        try:
+            decoded = DecodedState() if stream is None else decode_state(
+                namespace, load_chunks(self.store, stream),
+                lambda changes: problems.extend(ambient.apply(changes)))
+            apply_state(namespace, decoded, deleted)
+        except Exception as exc:
+            raise RestoreError(record.step_name, None, f"{type(exc).__name__}: {exc}") from exc
         digests: dict[str, str] = {}
         for variable in stored:
-            if variable.content_digest and variable.name in values:
+            if variable.content_digest and variable.name in namespace \
+                    and variable.codec in (BOUND, PATCHED):
                 digests[variable.name] = variable.content_digest
-                self._known_digests.remember(variable.name, values[variable.name],
-                                             variable.content_digest, variable.size_bytes)
-        self._leave_behind(record.step_name, values, digests)
+                self._known_digests.remember_restored(variable.name, namespace[variable.name],
+                                                      variable.content_digest, variable.size_bytes)
+        self._leave_behind(record.step_name, namespace, digests)
         result = self._show(outputs)
+        if problems:
+            _warn(record.step_name, f"Step {record.step_name!r} replayed, but some of the process "
+                  f"settings it changed could not be set again: {'; '.join(problems)}.")
         if record.unrestorable:
             _warn(record.step_name,
                   f"Step {record.step_name!r} replayed without {_names(record.unrestorable)}: "
@@ -339,7 +353,13 @@ class DurableExecutor:
                 stale_after=decision.sequence_number
                 if decision.invalidates_later and status == COMPLETED else None)
 
-        watch = state.NamespaceWatch(namespace, inputs, self.host.is_hidden)
+        watch = state.NamespaceWatch(namespace, inputs, self.host.is_hidden,
+                                     self._known_digests.translate)
+        # What existed before the step, so its state refers to those objects, not copies.
+        live = index_live_objects(namespace, self.host.is_hidden, inputs)
+        self._known_digests.take_local_digests([namespace[name] for name in inputs
+                                                if name in namespace])
+        ambient_before = ambient.snapshot()
         for attempt in range(1, options.retries + 2):
             context = StepContext(workflow_id, decision.sequence_number, step_name, attempt)
             self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "running",
@@ -375,9 +395,18 @@ class DurableExecutor:
                   file=sys.stderr, flush=True)
             time.sleep(delay)
         change = watch.changes(namespace)
-        stored, unstorable = self._encode(change, watch.after_digests, options)
-        commit = prepare(COMPLETED, recorder.outputs, stored,
-                         {item.name: item.reason for item in unstorable}, None)
+        stored, unstorable = self._encode(change, watch, live,
+                                          ambient.changes(ambient_before, ambient.snapshot()),
+                                          options)
+        unrestorable = {item.name: item.reason for item in unstorable}
+        if decision.invalidates_later and self._same_result(decision.record, recorder.outputs,
+                                                            stored, unrestorable):
+            # Early cutoff, as a build system does: what later steps read is what they read
+            # before, so they stay replayable.
+            log.info("Step %r executed again with the same result: later steps stay "
+                     "replayable", step_name)
+            decision = replace(decision, invalidates_later=False)
+        commit = prepare(COMPLETED, recorder.outputs, stored, unrestorable, None)
 
         def committed(completed: StepRecord) -> None:
             self._leave_behind(step_name, namespace, {v.name: v.content_digest for v in stored
@@ -412,31 +441,76 @@ class DurableExecutor:
             exc.add_note(f"durable_nb could not record this failure: {store_exc}")
             return None
 
-    def _encode(self, change: state.StateChange, digests: dict[str, str],
-                options: StepOptions) -> tuple[list[StoredVariable], list[state.Unstorable]]:
+    def _encode(self, change: state.StateChange, watch: state.NamespaceWatch, live: LiveObjects,
+                ambient_changes: dict[str, Any], options: StepOptions
+                ) -> tuple[list[StoredVariable], list[Unstorable]]:
+        """The step's state as rows: one per variable it bound, changed or deleted, and the
+        stream that holds them (see codec.py)."""
         namespace = self.host.namespace
-        changed = change.changed if options.variables is None else options.variables
+        names = change.changed if options.variables is None else options.variables
         deleted = change.deleted if options.variables is None else ()
-        stored: list[StoredVariable] = []
-        unstorable: list[state.Unstorable] = []
-        for name in changed:
+        bindings: dict[str, Any] = {}
+        changed: list[ChangedInPlace] = []
+        unstorable: list[Unstorable] = []
+        for name in names:
             if name in options.exclude:
                 continue
             if name not in namespace:
-                unstorable.append(state.Unstorable(name, "--vars names it, but it is not defined"))
+                unstorable.append(Unstorable(name, "--vars names it, but it is not defined"))
                 continue
             value = namespace[name]
             if state.is_spent(value):
                 continue
-            encoded = state.encode(name, value)
-            if isinstance(encoded, state.Unstorable):
-                unstorable.append(encoded)
+            if name in change.mutated or (options.variables is not None
+                                          and watch.held_before(name, value)):
+                changed.append(ChangedInPlace(name, value, is_variable=True))
+            else:
+                bindings[name] = value
+        # Objects nested in what the step changed in place may have changed with it.
+        taken = {id(item.value) for item in changed}
+        for path, value in live.found_only_under(change.mutated):
+            if id(value) not in taken and value is not namespace:
+                changed.append(ChangedInPlace(describe(path), value, is_variable=False))
+        encoded = encode_state(live, bindings, changed, ambient_changes)
+        unstorable.extend(encoded.unstorable)
+        failed = {item.name for item in encoded.unstorable}
+        stored: list[StoredVariable] = []
+        for name in [*bindings, *(item.label for item in changed if item.is_variable)]:
+            if name in failed:
                 continue
-            digest = digests.get(name) or value_digest(value)
-            self._known_digests.remember(name, value, digest, encoded.size_bytes)
-            stored.append(replace(encoded, content_digest=digest))
-        stored.extend(state.deletion(name) for name in deleted if name not in options.exclude)
+            value = namespace[name]
+            codec = PATCHED if name in encoded.patched else BOUND
+            digest = watch.after_digests.get(name) or value_digest(value)
+            size = encoded.sizes.get(name, 0)
+            self._known_digests.remember(name, value, digest, size)
+            stored.append(StoredVariable(name, codec, qualified_type_name(value), (), digest, size))
+        stored.extend(StoredVariable(name, DELETED, "", ()) for name in deleted
+                      if name not in options.exclude)
+        stored.append(StoredVariable(STATE_ROW_NAME, STATE_STREAM, "", tuple(encoded.chunks),
+                                     value_digest(ambient_changes)))
         return stored, unstorable
+
+    def _same_result(self, previous: StepRecord | None, outputs: list[StoredOutput],
+                     stored: list[StoredVariable], unrestorable: dict[str, str]) -> bool:
+        """Whether a step that executed again gave what its previous record holds: the same
+        outputs, variables with the same digests, the same ambient changes."""
+        if previous is None or previous.status != COMPLETED or previous.unrestorable != unrestorable:
+            return False
+        try:
+            previous_outputs, previous_stored = self.store.read_step(previous)
+        except Exception:  # noqa: BLE001 - no comparison, no cutoff: later steps execute
+            return False
+
+        def digests(variables: Sequence[StoredVariable]) -> set[tuple[str, str, str | None]]:
+            return {(variable.name, variable.codec, variable.content_digest)
+                    for variable in variables}
+
+        now, before = digests(stored), digests(previous_stored)
+        if any(digest is None or is_opaque(digest) for _, codec, digest in now
+               if codec != DELETED):
+            return False
+        return now == before and [item.output for item in outputs] == \
+            [item.output for item in previous_outputs]
 
 
 @dataclass(frozen=True)

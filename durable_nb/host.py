@@ -30,9 +30,11 @@ class Host(Protocol):
                         transient: dict[str, Any] | None) -> None: ...
     def notebook_path(self) -> str | None: ...
     def cell_id(self) -> str | None: ...
-    def watch_plain_cells(self, callback: Callable[[str], None]) -> bool:
-        """Call `callback(cell_text)` after each cell that is not a durable step; False if
-        this host cannot see cells (then nothing may be assumed unchanged between steps)."""
+    def watch_plain_cells(self, before: Callable[[str], None],
+                          after: Callable[[str], None]) -> bool:
+        """Call `before(cell_text)` and `after(cell_text)` around each cell that is not a
+        durable step; False if this host cannot see cells (then nothing may be assumed
+        unchanged between steps)."""
         ...
 
 
@@ -54,7 +56,8 @@ class IPythonHost:
     def __init__(self, shell: Any) -> None:
         self.shell = shell
         self._cell_id: str | None = None
-        self._plain_cell_callbacks: list[Callable[[str], None]] = []
+        self._before_plain_cell: list[Callable[[str], None]] = []
+        self._after_plain_cell: list[Callable[[str], None]] = []
         shell.events.register("pre_run_cell", self._pre_run_cell)
         shell.events.register("post_run_cell", self._post_run_cell)
 
@@ -69,19 +72,25 @@ class IPythonHost:
     def _pre_run_cell(self, info: Any) -> None:
         # JupyterLab and VS Code send the cell's id; nbclient and the terminal do not.
         self._cell_id = getattr(info, "cell_id", None)
+        text = getattr(info, "raw_cell", "") or ""
+        if not text.lstrip().startswith("%%durable_step"):
+            for callback in self._before_plain_cell:
+                callback(text)
 
     def _post_run_cell(self, result: Any) -> None:
         text = getattr(result.info, "raw_cell", "") or ""
         if text.lstrip().startswith("%%durable_step"):
             return
-        for callback in self._plain_cell_callbacks:
+        for callback in self._after_plain_cell:
             callback(text)
 
     def cell_id(self) -> str | None:
         return self._cell_id
 
-    def watch_plain_cells(self, callback: Callable[[str], None]) -> bool:
-        self._plain_cell_callbacks.append(callback)
+    def watch_plain_cells(self, before: Callable[[str], None],
+                          after: Callable[[str], None]) -> bool:
+        self._before_plain_cell.append(before)
+        self._after_plain_cell.append(after)
         return True
 
     @property
@@ -158,7 +167,8 @@ class PlainHost:
     def cell_id(self) -> str | None:
         return None
 
-    def watch_plain_cells(self, callback: Callable[[str], None]) -> bool:
+    def watch_plain_cells(self, before: Callable[[str], None],
+                          after: Callable[[str], None]) -> bool:
         return False  # a script can change the namespace between steps unseen
 
 

@@ -7,31 +7,21 @@ holding the old objects so an id cannot be reused). In-place mutation (`items.ap
 values the cell can read: the names it reads, and the globals used by the notebook
 functions among them. The digests taken before are the step's input fingerprint too.
 
-Values are encoded with cloudpickle at protocol 5 with out-of-band buffers: numpy arrays
-and pandas frames hand over their memory as separate chunks, which the store writes to
-payload files without copying them into the pickle stream (see StepStore.read_blob for how
-they come back).
+A name the step rebound is *bound*; an object that existed before and that the step
+changed in place is *mutated*, and its change is replayed into the live object (codec.py),
+so other names for it see the change too.
 """
 
 from __future__ import annotations
 
-import importlib
 import io
-import pickle
 import re
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, MutableMapping
+from typing import Any, Callable, Mapping
 
-import cloudpickle
-
-from .fingerprint import is_opaque, out_of_band, value_digest
+from .fingerprint import is_opaque, sized_digest, value_digest
 from .reads import globals_used_by
-from .store import Chunk, StoredVariable
-
-PICKLE = "pickle"
-MODULE = "module"
-DELETED = "deleted"
 
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), range, types.ModuleType,
               types.FunctionType, types.BuiltinFunctionType, type, frozenset)
@@ -41,14 +31,9 @@ _IPYTHON_CACHE = re.compile(r"^_(|_|__|i|ii|iii|\d+|i\d+|oh|ih|dh|exit_code)$")
 
 @dataclass(frozen=True)
 class StateChange:
-    changed: tuple[str, ...]
+    changed: tuple[str, ...]  # bound anew, or changed in place
     deleted: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Unstorable:
-    name: str
-    reason: str
+    mutated: tuple[str, ...] = ()  # among `changed`: the same object as before, changed in place
 
 
 def can_change_in_place(value: Any) -> bool:
@@ -66,16 +51,21 @@ class NamespaceWatch:
     """
 
     def __init__(self, namespace: Mapping[str, Any], input_digests: Mapping[str, str],
-                 is_hidden: Callable[[str], bool]) -> None:
+                 is_hidden: Callable[[str], bool],
+                 translate: Callable[[Any, str], str] = lambda value, digest: digest) -> None:
         self._is_hidden = is_hidden
+        self._translate = translate
         # Hold the old objects: comparing ids alone would miss a rebinding that reuses a
         # freed object's address.
         self._before = {name: value for name, value in namespace.items() if not is_hidden(name)}
         self._input_digests = dict(input_digests)
         self.after_digests: dict[str, str] = {}
 
+    def held_before(self, name: str, value: Any) -> bool:
+        return self._before.get(name, _NOTHING) is value
+
     def changes(self, namespace: Mapping[str, Any]) -> StateChange:
-        changed = []
+        changed, mutated = [], []
         for name, value in namespace.items():
             if self._is_hidden(name):
                 continue
@@ -91,12 +81,18 @@ class NamespaceWatch:
                 # merely uses it would be noise.
                 self.after_digests[name] = before
                 continue
-            after = value_digest(value)
+            # A restored value whose digest differs from its recorded one (a matplotlib
+            # artist pickles differently in each process) counts by the recorded one.
+            after = self._translate(value, value_digest(value))
             self.after_digests[name] = after
             if after != before:
                 changed.append(name)
+                mutated.append(name)
         deleted = [name for name in self._before if name not in namespace]
-        return StateChange(tuple(sorted(changed)), tuple(sorted(deleted)))
+        return StateChange(tuple(sorted(changed)), tuple(sorted(deleted)), tuple(sorted(mutated)))
+
+
+_NOTHING = object()
 
 
 def is_ipython_internal(name: str) -> bool:
@@ -114,39 +110,6 @@ def is_spent(value: Any) -> bool:
     return isinstance(value, io.IOBase) and value.closed
 
 
-def encode(name: str, value: Any) -> StoredVariable | Unstorable:
-    """A variable as codec + chunks, or why it cannot be stored."""
-    if isinstance(value, types.ModuleType):
-        # Restored as an import: a module object itself is never worth pickling.
-        return StoredVariable(name, MODULE, "module", (value.__name__.encode(),))
-    buffers: list[Chunk] = []
-    try:
-        stream = cloudpickle.dumps(value, protocol=5, buffer_callback=out_of_band(buffers.append))
-    except Exception as exc:  # pickling fails in many library-specific ways
-        return Unstorable(name, f"{type(exc).__name__}: {exc}")
-    return StoredVariable(name, PICKLE, type_name(value), (stream, *buffers))
-
-
-def deletion(name: str) -> StoredVariable:
-    return StoredVariable(name, DELETED, "", ())
-
-
-def decode(variable: StoredVariable, chunks: list[Chunk]) -> Any:
-    if variable.codec == MODULE:
-        return importlib.import_module(bytes(chunks[0]).decode())
-    if variable.codec == PICKLE:
-        # Pickle runs code on load: a store is as trusted as the notebook that wrote it.
-        return pickle.loads(chunks[0], buffers=chunks[1:])
-    raise ValueError(f"unknown codec {variable.codec!r} for {variable.name!r}")
-
-
-def apply(namespace: MutableMapping[str, Any], values: Mapping[str, Any],
-          deleted: Iterable[str]) -> None:
-    namespace.update(values)
-    for name in deleted:
-        namespace.pop(name, None)
-
-
 # Plain-cell code that can reach any variable without naming it.
 _REACHES_ANYTHING = re.compile(r"%run|\bexec\b|\beval\b|\bglobals\b|\bvars\b|user_ns|__dict__|"
                                r"\bsetattr\b|%store|%autoreload|%load\b")
@@ -157,16 +120,26 @@ REMEMBER_DIGESTS_FROM = 1024 * 1024
 
 
 class KnownDigests:
-    """Digests of large namespace values whose content is known, so a 1 GB array an earlier
-    step produced is not hashed again each time a later step reads it.
+    """Digests of namespace values whose content is known without hashing them again.
+
+    - A large value an earlier step produced or read (a 1 GB array) is not hashed again
+      each time a later step reads it.
+    - A value a replay restored counts by its recorded digest, whatever its size: some
+      objects pickle differently in each process (a matplotlib artist holds its figure's
+      canvas and callbacks), and a restored value nobody changed is unchanged.
 
     An entry holds for one object (checked by identity) until a plain cell could have
     changed it: any cell whose text mentions the name, a notebook function that uses it,
-    or another name bound to the same object.
+    or another name bound to the same object. For a restored value, its digest in this
+    process is taken before such a cell runs; while the value still hashes to that, it
+    still counts by its recorded digest (`translate`).
     """
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[int, str]] = {}
+        # id -> [the restored object, its recorded digest, its digest here (None: not taken
+        #        yet), whether it is large]
+        self._restored: dict[int, list[Any]] = {}
 
     def get(self, name: str, value: Any) -> str | None:
         entry = self._entries.get(name)
@@ -180,20 +153,62 @@ class KnownDigests:
         else:
             self._entries.pop(name, None)
 
+    def remember_restored(self, name: str, value: Any, digest: str, size_bytes: int) -> None:
+        self._entries[name] = (id(value), digest)
+        # A large value is hashed here only when a plain cell could have changed it: numpy
+        # and pandas memory hashes the same in every process.
+        self._restored[id(value)] = [value, digest, None, size_bytes >= REMEMBER_DIGESTS_FROM]
+
+    def translate(self, value: Any, digest: str) -> str:
+        """The recorded digest of a restored value that still hashes as it did when
+        restored; any other digest as it is."""
+        entry = self._restored.get(id(value))
+        if entry is None or entry[0] is not value or entry[2] is None:
+            return digest
+        return entry[1] if digest == entry[2] else digest
+
+    def take_local_digests(self, values: list[Any], large_too: bool = False) -> None:
+        """Hash restored values as they are now, before something may change them."""
+        for value in values:
+            entry = self._restored.get(id(value))
+            if entry is not None and entry[0] is value and entry[2] is None \
+                    and (large_too or not entry[3]):
+                entry[2], _ = sized_digest(value)
+
+    def before_plain_cell(self, cell_text: str, namespace: Mapping[str, Any]) -> None:
+        if not self._restored:
+            return
+        alive = {id(value) for value in namespace.values()}
+        for object_id in [object_id for object_id in self._restored if object_id not in alive]:
+            del self._restored[object_id]  # rebound or deleted: nothing to remember
+        touched = _touched(cell_text, namespace)
+        self.take_local_digests([namespace[name] for name in namespace
+                                 if touched is None or name in touched[0]
+                                 or id(namespace[name]) in touched[1]], large_too=True)
+
     def forget_touched_by(self, cell_text: str, namespace: Mapping[str, Any]) -> None:
         if not self._entries:
             return
-        if _REACHES_ANYTHING.search(cell_text):
+        touched = _touched(cell_text, namespace)
+        if touched is None:
             self._entries.clear()
             return
-        names = {word for word in _IDENTIFIER.findall(cell_text) if word in namespace}
-        seen: set[int] = set()
-        for name in list(names):
-            names |= globals_used_by(namespace[name], namespace, seen)
-        touched_ids = {id(namespace[name]) for name in names if name in namespace}
+        names, touched_ids = touched
         for name in [name for name, (object_id, _) in self._entries.items()
                      if name in names or object_id in touched_ids]:
             del self._entries[name]
 
     def clear(self) -> None:
         self._entries.clear()
+        self._restored.clear()
+
+
+def _touched(cell_text: str, namespace: Mapping[str, Any]) -> tuple[set[str], set[int]] | None:
+    """The names a plain cell could change, and their objects; None for anything."""
+    if _REACHES_ANYTHING.search(cell_text):
+        return None
+    names = {word for word in _IDENTIFIER.findall(cell_text) if word in namespace}
+    seen: set[int] = set()
+    for name in list(names):
+        names |= globals_used_by(namespace[name], namespace, seen)
+    return names, {id(namespace[name]) for name in names if name in namespace}

@@ -46,6 +46,18 @@ STALE = "stale"
 
 Chunk = bytes | bytearray | memoryview
 
+# How a step_variables row holds its variable (see codec.py). A step's state is one pickle
+# stream, in the chunks of the STATE_STREAM row; each variable the step bound or changed in
+# place has a row of its own (type, size, digest) that points into it.
+STATE_STREAM = "step-state"
+STATE_ROW_NAME = "(step state)"
+BOUND = "bound"  # bound by the step to a new object, or to one that existed before
+PATCHED = "patched"  # an object that existed before the step, changed in place by it
+DELETED = "deleted"
+# Written by durable_nb before state streams: each variable a pickle of its own (functions
+# with private globals, identities lost). Such a step executes once to be recorded anew.
+LEGACY_CODECS = ("pickle", "module")
+
 
 @dataclass(frozen=True)
 class BlobReference:
@@ -97,9 +109,16 @@ class StoredVariable:
     type_name: str
     chunks: tuple[StoredChunk, ...]
     content_digest: str | None = None  # fingerprint.value_digest of the value, when known
+    stored_size: int | None = None  # bytes it takes in the step's stream, when it has no chunks
+
+    @property
+    def holds_a_variable(self) -> bool:
+        return self.codec != STATE_STREAM
 
     @property
     def size_bytes(self) -> int:
+        if self.stored_size is not None:
+            return self.stored_size
         return sum(chunk.size_bytes if isinstance(chunk, BlobReference) else memoryview(chunk).nbytes
                    for chunk in self.chunks)
 
@@ -354,13 +373,13 @@ class StepStore:
             chunks.setdefault((sequence_number, revision, name), []).append(
                 data if blob is None else BlobReference(blob, size_bytes))
         variables: dict[tuple[int, int], list[StoredVariable]] = {}
-        for sequence_number, revision, name, codec, kind, digest in connection.execute(
+        for sequence_number, revision, name, codec, kind, digest, size in connection.execute(
                 "SELECT t.sequence_number, t.revision, t.variable_name, t.codec, t.type_name, "
-                "t.content_digest "
+                "t.content_digest, t.size_bytes "
                 + live_completed.format(table="step_variables") + " ORDER BY t.sequence_number, "
                 "t.variable_name", [workflow_id]).fetchall():
-            variables.setdefault((sequence_number, revision), []).append(StoredVariable(
-                name, codec, kind, tuple(chunks.get((sequence_number, revision, name), ())), digest))
+            variables.setdefault((sequence_number, revision), []).append(_variable(
+                name, codec, kind, chunks.get((sequence_number, revision, name), []), digest, size))
         return _Snapshot(None, tuple(history), outputs, variables)
 
     @staticmethod
@@ -375,17 +394,17 @@ class StepStore:
     def _read_variables_txn(self, connection: Connection, record: StepRecord) -> list[StoredVariable]:
         key = [record.workflow_id, record.sequence_number, record.revision]
         variables = connection.execute(
-            "SELECT variable_name, codec, type_name, content_digest FROM step_variables WHERE "
-            "workflow_id = ? AND sequence_number = ? AND revision = ? ORDER BY variable_name",
-            key).fetchall()
-        chunks: dict[str, list[StoredChunk]] = {name: [] for name, _, _, _ in variables}
+            "SELECT variable_name, codec, type_name, content_digest, size_bytes FROM "
+            "step_variables WHERE workflow_id = ? AND sequence_number = ? AND revision = ? "
+            "ORDER BY variable_name", key).fetchall()
+        chunks: dict[str, list[StoredChunk]] = {name: [] for name, *_ in variables}
         for name, size_bytes, data, blob in connection.execute(
                 "SELECT variable_name, size_bytes, data, blob_sha256 FROM variable_chunks "
                 "WHERE workflow_id = ? AND sequence_number = ? AND revision = ? "
                 "ORDER BY variable_name, chunk_index", key).fetchall():
             chunks[name].append(data if blob is None else BlobReference(blob, size_bytes))
-        return [StoredVariable(name, codec, type_name, tuple(chunks[name]), digest)
-                for name, codec, type_name, digest in variables]
+        return [_variable(name, codec, type_name, chunks[name], digest, size)
+                for name, codec, type_name, digest, size in variables]
 
     def _record_step_txn(self, connection: Connection, record: StepRecord,
                          outputs: Sequence[StoredOutput], variables: Sequence[StoredVariable],
@@ -538,6 +557,12 @@ def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
         else:
             chunks.append(bytearray(chunk) if index else chunk)
     return chunks
+
+
+def _variable(name: str, codec: str, type_name: str, chunks: list[StoredChunk],
+              digest: str | None, size: int) -> StoredVariable:
+    return StoredVariable(name, codec, type_name, tuple(chunks), digest,
+                          None if chunks else int(size))
 
 
 def _record_from_row(row: dict[str, Any]) -> StepRecord:

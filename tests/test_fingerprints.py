@@ -90,12 +90,28 @@ def test_restructured_notebook_equals_an_uninterrupted_run(
     assert resumed == user_values(fresh, ["log", "b_done"])
 
 
-def test_force_executes_and_invalidates_what_follows(session: NotebookSession, counter: Path) -> None:
-    run_notebook(session, [step(counter, "a", "x = 1"), step(counter, "b", "y = 2")])
+def test_force_executes_and_invalidates_what_follows(session: NotebookSession, counter: Path,
+                                                     tmp_path: Path) -> None:
+    source = tmp_path / "source.txt"
+    source.write_text("1")
+    read = f"x = int(open({str(source)!r}).read())"
+    run_notebook(session, [step(counter, "a", read), step(counter, "b", "y = x + 1")])
+    session.restart()
+    source.write_text("5")  # what --force is for: a change the step's inputs cannot show
+    session.ok(step(counter, "a", read, "--force"))
+    session.ok(step(counter, "b", "y = x + 1"))
+    assert runs(counter) == ["a", "b", "a", "b"]
+    assert session.ns["y"] == 6
+
+
+def test_a_forced_step_with_the_same_result_leaves_later_steps_replayable(
+        session: NotebookSession, counter: Path) -> None:
+    run_notebook(session, [step(counter, "a", "x = 1"), step(counter, "b", "y = x + 1")])
     session.restart()
     session.ok(step(counter, "a", "x = 1", "--force"))
-    session.ok(step(counter, "b", "y = 2"))
-    assert runs(counter) == ["a", "b", "a", "b"]
+    session.ok(step(counter, "b", "y = x + 1"))
+    assert runs(counter) == ["a", "b", "a"]  # early cutoff: b's input is what it was
+    assert session.ns["y"] == 2
 
 
 def test_strict_mode_refuses_a_changed_step_before_running_anything(

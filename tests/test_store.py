@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -10,8 +11,9 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
+import cloudpickle
 import duckdb
 import numpy as np
 import pytest
@@ -19,8 +21,20 @@ import pytest
 from durable_nb import Workflow
 from durable_nb.errors import (StepNotRecordedError, StoreCorruptError, StoreLockedError,
                                StoreVersionError, UnknownStepError)
-from durable_nb.state import decode, encode
-from durable_nb.store import StepRecord, StepStore, StoredOutput, load_chunks
+from durable_nb.fingerprint import out_of_band
+from durable_nb.store import StepRecord, StepStore, StoredOutput, StoredVariable, load_chunks
+
+
+def encode(name: str, value: Any) -> StoredVariable:
+    """A variable as the store sees one: a codec name and byte chunks (the pickle, then
+    its out-of-band buffers). The store never interprets them."""
+    buffers: list[Any] = []
+    stream = cloudpickle.dumps(value, protocol=5, buffer_callback=out_of_band(buffers.append))
+    return StoredVariable(name, "test-pickle", type(value).__name__, (stream, *buffers))
+
+
+def decode(variable: StoredVariable, chunks: list[Any]) -> Any:
+    return pickle.loads(chunks[0], buffers=chunks[1:])
 
 
 def record(sequence_number: int, name: str, status: str = "completed") -> StepRecord:

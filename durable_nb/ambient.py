@@ -1,0 +1,434 @@
+"""Ambient process state: what a step changes outside its namespace, recorded and re-applied.
+
+A step can change state that lives in the process rather than in a variable: it seeds or
+draws from a global random generator, sets a pandas option or a matplotlib style, adds a
+warning filter, sets an environment variable, extends `sys.path` or changes folder. A
+replay does not run the step's code, so without help those effects would be missing and the
+cells after a replayed step would behave differently from an uninterrupted run.
+
+The executor calls `snapshot()` before and after a step's body, keeps `changes(before, after)`
+with the step's record, and calls `apply(recorded)` when it replays the step in a new process.
+Each kind of state is an `AmbientState`; the built-ins cover the standard library, numpy,
+pandas and matplotlib, and other packages add kinds with `register()` or an entry point in the
+group `durable_nb.ambient`.
+
+Snapshots run twice per executed step, so they are cheap (tens of microseconds), and they
+never import a library: the state of a library that is not imported is None and costs nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import importlib
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, cast
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "durable_nb.ambient"
+
+# `backend` is the one rcParam a replay must not set: it was resolved for the process that
+# executed the step (a GUI, or the inline backend of that kernel), and switching it closes
+# figures. Reading it through `rcParams[...]` would even import pyplot, so snapshots read the
+# raw dict. Every other key, including the ones `plt.style.use` refuses to set (interactive,
+# webagg.*, savefig.directory, date.epoch...), re-applies harmlessly and is a real effect.
+MATPLOTLIB_EXCLUDED_KEYS = frozenset({"backend"})
+
+# Values that cannot change in place: a snapshot may keep a reference to them.
+_IMMUTABLE_TYPES = frozenset({str, bytes, int, float, complex, bool, type(None), tuple,
+                              frozenset})
+
+
+@dataclass(frozen=True)
+class AmbientState:
+    """One kind of process-wide state a step can change, and how to re-apply that change.
+
+    `capture()` returns a snapshot, or None when the state does not apply (its library is not
+    imported); it must copy what could change in place later. `diff(before, after)` returns
+    the change to record (picklable), or None when nothing changed; `before` is None when the
+    library was imported by the step. Without `diff`, the change is `after` when it differs
+    from `before`. `apply(change)` re-applies a recorded change in a replaying process, where
+    the library may not be imported yet; it raises when it cannot.
+
+    Example, for a module-level setting of your own::
+
+        import durable_nb.ambient as ambient
+        import mylib
+
+        ambient.register(ambient.AmbientState(
+            name="mylib.units",
+            capture=lambda: mylib.UNITS,
+            apply=lambda units: setattr(mylib, "UNITS", units),
+        ))
+    """
+
+    name: str
+    capture: Callable[[], Any]
+    apply: Callable[[Any], None]
+    diff: Callable[[Any, Any], Any] | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing snapshots
+
+def _same(first: Any, second: Any) -> bool:
+    """Equality that also holds for numpy arrays and containers of them (random states)."""
+    if first is second:
+        return True
+    if type(first) is not type(second):
+        return False
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(first, numpy.ndarray):
+        return first.shape == second.shape and bool(numpy.array_equal(first, second))
+    try:
+        return bool(first == second)  # C-level for tuples of ints (random's 625-int state)
+    except Exception:  # a container holding arrays: comparing them gave no single answer
+        pass
+    if isinstance(first, (tuple, list)):
+        return len(first) == len(second) and all(map(_same, first, second))
+    if isinstance(first, dict):
+        return first.keys() == second.keys() and all(_same(first[key], second[key])
+                                                      for key in first)
+    return False
+
+
+def _default_diff(before: Any, after: Any) -> Any:
+    return None if _same(before, after) else after
+
+
+def _changed_keys(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> Any:
+    """{key: new value} for the keys that changed or appeared, None when there are none."""
+    if before is None:
+        return dict(after) or None
+    try:
+        if before == after:  # one C-level comparison in the common, unchanged case
+            return None
+    except Exception:
+        pass
+    changed = {key: value for key, value in after.items()
+               if key not in before or not _same(before[key], value)}
+    return changed or None
+
+
+def _set_each(setter: Callable[[str, Any], None], change: Mapping[str, Any]) -> None:
+    """Set every key that can be set, then raise naming the ones that could not."""
+    failures = []
+    for key, value in change.items():
+        try:
+            setter(key, value)
+        except Exception as exc:
+            failures.append(f"{key} ({_describe(exc)})")
+    if failures:
+        raise ValueError("could not set " + "; ".join(failures))
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in kinds
+
+def _capture_random() -> Any:
+    module = sys.modules.get("random")
+    return None if module is None else module.getstate()
+
+
+def _apply_random(state: Any) -> None:
+    importlib.import_module("random").setstate(state)
+
+
+def _capture_numpy_random() -> Any:
+    module = sys.modules.get("numpy.random")
+    # legacy=False gives a dict for every bit generator (the legacy tuple is MT19937 only).
+    return None if module is None else module.get_state(legacy=False)
+
+
+def _apply_numpy_random(state: dict[str, Any]) -> None:
+    module = importlib.import_module("numpy.random")
+    name = state["bit_generator"]
+    get_bit_generator = getattr(module, "get_bit_generator", None)  # numpy >= 1.25
+    if get_bit_generator is not None and type(get_bit_generator()).__name__ != name:
+        # The step swapped the global generator (np.random.set_bit_generator).
+        module.set_bit_generator(getattr(module, name)())
+    module.set_state(state)
+
+
+def _capture_numpy_printoptions() -> Any:
+    numpy = sys.modules.get("numpy")
+    get_printoptions = getattr(numpy, "get_printoptions", None)
+    return None if get_printoptions is None else get_printoptions()
+
+
+def _apply_numpy_printoptions(change: dict[str, Any]) -> None:
+    import inspect
+
+    numpy = importlib.import_module("numpy")
+    # set_printoptions always resets `formatter` and `override_repr` when not given, so pass
+    # the current options with the change on top, or a formatter set earlier would be lost.
+    options = {**numpy.get_printoptions(), **change}
+    accepted = inspect.signature(numpy.set_printoptions).parameters
+    unknown = sorted(key for key in change if key not in accepted)
+    numpy.set_printoptions(**{key: value for key, value in options.items() if key in accepted})
+    if unknown:
+        raise ValueError(f"this numpy does not know the print options {', '.join(unknown)}")
+
+
+def _capture_pandas_options() -> Any:
+    config = sys.modules.get("pandas._config.config")
+    if config is None:
+        return None
+    # Walking pandas' own nested dict costs ~15 us for its ~75 options; pd.get_option per key
+    # (translation, deprecation checks) costs ten times as much.
+    options: dict[str, Any] = {}
+    pending: list[tuple[str, dict[str, Any]]] = [("", config._global_config)]
+    while pending:
+        prefix, branch = pending.pop()
+        for key, value in branch.items():
+            if isinstance(value, dict):
+                pending.append((f"{prefix}{key}.", value))
+            else:
+                options[prefix + key] = value
+    return options
+
+
+def _diff_pandas_options(before: dict[str, Any] | None, after: dict[str, Any]) -> Any:
+    if before is None:
+        # pandas was imported by the step: a fresh import gives the registered defaults, so
+        # record only what differs from them (setting every option again would also repeat
+        # the deprecation warnings of the deprecated ones).
+        registered = sys.modules["pandas._config.config"]._registered_options
+        before = {key: option.defval for key, option in registered.items()}
+    return _changed_keys(before, after)
+
+
+def _apply_pandas_options(change: dict[str, Any]) -> None:
+    pandas = importlib.import_module("pandas")
+    _set_each(pandas.set_option, change)
+
+
+def _capture_matplotlib_rcparams() -> Any:
+    matplotlib = sys.modules.get("matplotlib")
+    rc_params = getattr(matplotlib, "rcParams", None)
+    if rc_params is None:
+        return None
+    # dict.items reads the raw values: RcParams' own iteration sorts the keys and its
+    # __getitem__ resolves the backend. Lists and cyclers change in place
+    # (rcParams["font.sans-serif"].insert(0, ...), rcParams["axes.prop_cycle"] += ...), so
+    # they are copied; the rest are immutable or enums.
+    values = dict(dict.items(rc_params))
+    for key in MATPLOTLIB_EXCLUDED_KEYS:
+        values.pop(key, None)
+    for key, value in values.items():
+        if type(value) not in _IMMUTABLE_TYPES and not isinstance(value, enum.Enum):
+            values[key] = value.copy() if type(value) is list else copy.copy(value)
+    return values
+
+
+def _apply_matplotlib_rcparams(change: dict[str, Any]) -> None:
+    rc_params = importlib.import_module("matplotlib").rcParams
+    _set_each(rc_params.__setitem__, change)  # validated, as rcParams.update would
+
+
+def _capture_warning_filters() -> Any:
+    return tuple(warnings.filters)
+
+
+def _apply_warning_filters(filters: tuple[Any, ...]) -> None:
+    # resetwarnings() bumps the filters' version, so the registries that remember which
+    # warnings were already shown or ignored are invalidated; then the list is refilled in
+    # place (catch_warnings blocks hold on to the list object).
+    warnings.resetwarnings()
+    cast("list[Any]", warnings.filters)[:] = list(filters)
+
+
+def _capture_environ() -> Any:
+    # os.environ._data is the encoded dict behind os.environ: copying it costs 0.1 us where
+    # dict(os.environ) decodes every variable (15 us).
+    data = getattr(os.environ, "_data", None)
+    return dict(data) if isinstance(data, dict) else dict(os.environ)
+
+
+def _text(value: str | bytes) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _diff_environ(before: dict[Any, Any] | None, after: dict[Any, Any]) -> Any:
+    if before == after:
+        return None
+    before = before or {}
+    set_variables = {_text(key): _text(value) for key, value in after.items()
+                     if before.get(key) != value}
+    unset_variables = sorted(_text(key) for key in before if key not in after)
+    return {"set": set_variables, "unset": unset_variables}
+
+
+def _apply_environ(change: dict[str, Any]) -> None:
+    for name, value in change["set"].items():
+        os.environ[name] = value
+    for name in change["unset"]:
+        os.environ.pop(name, None)
+
+
+def _capture_sys_path() -> Any:
+    return tuple(sys.path)
+
+
+def _apply_sys_path(path: tuple[str, ...]) -> None:
+    sys.path[:] = list(path)
+
+
+def _apply_cwd(folder: str) -> None:
+    try:
+        os.chdir(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"the folder {folder} no longer exists; "
+                                f"staying in {_current_folder()}") from None
+
+
+def _current_folder() -> str:
+    try:
+        return os.getcwd()
+    except OSError:
+        return "a folder that no longer exists either"
+
+
+# Applied in this order: the environment, folder and import path first, because applying the
+# library kinds imports the library (MPLBACKEND, MPLCONFIGDIR and sys.path matter to that), and
+# the warning filters before the imports that may warn.
+BUILT_IN_STATES: tuple[AmbientState, ...] = (
+    AmbientState("os.environ", _capture_environ, _apply_environ, _diff_environ),
+    AmbientState("cwd", os.getcwd, _apply_cwd),
+    AmbientState("sys.path", _capture_sys_path, _apply_sys_path),
+    AmbientState("warnings.filters", _capture_warning_filters, _apply_warning_filters),
+    AmbientState("random", _capture_random, _apply_random),
+    AmbientState("numpy.random", _capture_numpy_random, _apply_numpy_random),
+    AmbientState("numpy.printoptions", _capture_numpy_printoptions, _apply_numpy_printoptions,
+                 _changed_keys),
+    AmbientState("pandas.options", _capture_pandas_options, _apply_pandas_options,
+                 _diff_pandas_options),
+    AmbientState("matplotlib.rcParams", _capture_matplotlib_rcparams,
+                 _apply_matplotlib_rcparams, _changed_keys),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry: built-ins, then entry points, then register() calls (a later one of the same
+# name replaces an earlier one in its place).
+
+_registered_here: dict[str, AmbientState] = {}
+_from_entry_points: dict[str, AmbientState] | None = None
+_registry: tuple[AmbientState, ...] | None = None
+_failed_captures: set[str] = set()
+
+
+def register(state: AmbientState) -> None:
+    """Add a kind of ambient state, or replace the registered one of the same name."""
+    global _registry
+    if not isinstance(state, AmbientState):
+        raise TypeError(f"register() takes an AmbientState, not {type(state).__name__}")
+    _registered_here[state.name] = state
+    _registry = None
+
+
+def registered() -> tuple[AmbientState, ...]:
+    """Every kind, in the order `apply` uses: built-ins, entry points, then `register()`ed."""
+    global _registry
+    if _registry is None:
+        merged = {state.name: state for state in BUILT_IN_STATES}
+        merged.update(_entry_point_states())
+        merged.update(_registered_here)
+        _registry = tuple(merged.values())
+    return _registry
+
+
+def _entry_point_states() -> dict[str, AmbientState]:
+    global _from_entry_points
+    if _from_entry_points is None:
+        _from_entry_points = {}  # first, so a plugin that calls registered() does not recurse
+        from importlib.metadata import entry_points
+
+        found: dict[str, AmbientState] = {}
+        for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+            state = _load_entry_point(entry_point)
+            if state is not None:
+                found[state.name] = state
+        _from_entry_points = found
+    return _from_entry_points
+
+
+def _load_entry_point(entry_point: Any) -> AmbientState | None:
+    try:
+        loaded = entry_point.load()
+        state = loaded if isinstance(loaded, AmbientState) else loaded()
+        if not isinstance(state, AmbientState):
+            raise TypeError(f"it gave {type(state).__name__}, not an AmbientState "
+                            f"or a callable returning one")
+    except Exception:
+        logger.warning("durable_nb: the ambient state entry point %s = %s could not be loaded "
+                       "and is skipped; fix or uninstall the package that declares it",
+                       entry_point.name, entry_point.value, exc_info=True)
+        return None
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# The API the executor uses
+
+def snapshot() -> dict[str, Any]:
+    """Each registered kind's current state by name (None for a library not imported)."""
+    taken: dict[str, Any] = {}
+    for state in registered():
+        try:
+            taken[state.name] = state.capture()
+        except Exception:
+            # Logged once per kind: a snapshot runs twice per step and would repeat it.
+            log = logger.debug if state.name in _failed_captures else logger.warning
+            _failed_captures.add(state.name)
+            log("durable_nb: could not read the ambient state %s; a replay will not restore "
+                "a change to it", state.name, exc_info=True)
+    return taken
+
+
+def changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The kinds whose state changed between two snapshots, with the change to re-apply."""
+    found: dict[str, Any] = {}
+    for state in registered():
+        if after.get(state.name) is None:  # not readable, or its library is not imported
+            continue
+        diff = state.diff or _default_diff
+        try:
+            change = diff(before.get(state.name), after[state.name])
+        except Exception:
+            logger.warning("durable_nb: could not compare the ambient state %s before and "
+                           "after the step; a replay will not restore a change to it",
+                           state.name, exc_info=True)
+            continue
+        if change is not None:
+            found[state.name] = change
+    return found
+
+
+def apply(changes: dict[str, Any]) -> list[str]:
+    """Re-apply recorded changes in registry order; returns the problems instead of raising."""
+    problems: list[str] = []
+    known = set()
+    for state in registered():
+        known.add(state.name)
+        if state.name not in changes:
+            continue
+        try:
+            state.apply(changes[state.name])
+        except Exception as exc:
+            logger.debug("durable_nb: could not re-apply %s", state.name, exc_info=True)
+            problems.append(f"{state.name}: {_describe(exc)}")
+    problems.extend(f"{name}: no ambient state of this name is registered in this process; "
+                    f"install the package that provides it"
+                    for name in changes if name not in known)
+    return problems
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,489 @@
+"""Ambient state: a step's effects outside its namespace, recorded and re-applied on replay.
+
+Each test plays a step in this process: snapshot, change the state as a user would, snapshot,
+take the changes through cloudpickle, put the old state back (as a restarted kernel would
+have it) and apply them. The fresh-process tests are the real replay: the changes are applied
+in a new Python process that never ran the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import pickle
+import random
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import cloudpickle
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import numpy.random
+import pandas as pd
+import pytest
+from cycler import cycler
+
+from durable_nb import ambient
+
+BUILT_IN_NAMES = ["os.environ", "cwd", "sys.path", "warnings.filters", "random", "numpy.random",
+                  "numpy.printoptions", "pandas.options", "matplotlib.rcParams"]
+PANDAS_OPTIONS_CHANGED_HERE = ("display.max_rows", "display.precision", "display.width")
+
+
+class ReplayTestWarning(UserWarning):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def isolated_process_state() -> Iterator[None]:
+    """Tests change process-wide state freely; every built-in kind is put back afterwards."""
+    random_state = random.getstate()
+    numpy_bit_generator = np.random.get_bit_generator()
+    numpy_random_state = np.random.get_state(legacy=False)
+    # Deep copies: tests change lists and cyclers in place, which rc_context would not undo.
+    rc_values: dict[str, Any] = {key: copy.deepcopy(value) for key, value in dict.items(matplotlib.rcParams)
+                 if key != "backend"}
+    pandas_options = [item for key in PANDAS_OPTIONS_CHANGED_HERE
+                      for item in (key, pd.get_option(key))]
+    environ = dict(os.environ)
+    path = list(sys.path)
+    folder = os.getcwd()
+    with warnings.catch_warnings(), np.printoptions(), pd.option_context(*pandas_options):
+        yield
+    os.chdir(folder)
+    sys.path[:] = path
+    for name in set(os.environ) - set(environ):
+        del os.environ[name]
+    os.environ.update(environ)
+    matplotlib.rcParams.update(rc_values)
+    np.random.set_bit_generator(numpy_bit_generator)
+    np.random.set_state(numpy_random_state)
+    random.setstate(random_state)
+
+
+def through_pickle(changes: dict[str, Any]) -> dict[str, Any]:
+    """What the executor stores and a replay loads."""
+    return pickle.loads(cloudpickle.dumps(changes))
+
+
+def run_python(code: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    completed = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout + completed.stderr
+
+
+def test_unchanged_state_gives_no_changes() -> None:
+    before = ambient.snapshot()
+    after = ambient.snapshot()
+
+    assert list(before) == BUILT_IN_NAMES
+    assert all(value is not None for value in before.values())  # all imported here
+    assert ambient.changes(before, after) == {}
+
+
+def test_random_seed_and_draws_replay_to_the_same_next_number() -> None:
+    before = ambient.snapshot()
+    random.seed(3)
+    random.random()
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+    uninterrupted_next = random.random()
+
+    random.seed(0)
+    assert ambient.apply(recorded) == []
+
+    assert list(recorded) == ["random"]
+    assert random.random() == uninterrupted_next
+
+
+def test_numpy_global_random_state_replays_to_the_same_next_draw() -> None:
+    before = ambient.snapshot()
+    np.random.seed(3)
+    np.random.rand()
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+    uninterrupted_next = np.random.rand(3)
+
+    np.random.seed(0)
+    assert ambient.apply(recorded) == []
+
+    assert list(recorded) == ["numpy.random"]
+    assert np.array_equal(np.random.rand(3), uninterrupted_next)
+
+
+def test_numpy_global_bit_generator_swapped_by_the_step_is_swapped_again() -> None:
+    before = ambient.snapshot()
+    np.random.set_bit_generator(np.random.PCG64(7))
+    np.random.rand()
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+    uninterrupted_next = np.random.rand(3)
+
+    np.random.set_bit_generator(np.random.MT19937(0))
+    assert ambient.apply(recorded) == []
+
+    assert type(np.random.get_bit_generator()).__name__ == "PCG64"
+    assert np.array_equal(np.random.rand(3), uninterrupted_next)
+
+
+def test_matplotlib_style_use_round_trips_through_rcparams() -> None:
+    before = ambient.snapshot()
+    with matplotlib.rc_context():  # leaving it puts the old rcParams back
+        plt.style.use("ggplot")
+        recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+        uninterrupted = dict(dict.items(matplotlib.rcParams))
+    assert matplotlib.rcParams["axes.facecolor"] != "#E5E5E5"
+
+    assert ambient.apply(recorded) == []
+
+    assert list(recorded) == ["matplotlib.rcParams"]
+    assert "backend" not in recorded["matplotlib.rcParams"]
+    for key, value in matplotlib.style.library["ggplot"].items():
+        assert matplotlib.rcParams[key] == matplotlib.rcParams.validate[key](value), key
+    assert dict(dict.items(matplotlib.rcParams)) == uninterrupted
+
+
+def test_matplotlib_values_changed_in_place_are_recorded() -> None:
+    before = ambient.snapshot()
+    matplotlib.rcParams["font.sans-serif"].insert(0, "Durable Sans")
+    matplotlib.rcParams["axes.prop_cycle"] += cycler(linewidth=range(1, 11))
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+
+    matplotlib.rcParams["font.sans-serif"] = before["matplotlib.rcParams"]["font.sans-serif"]
+    matplotlib.rcParams["axes.prop_cycle"] = before["matplotlib.rcParams"]["axes.prop_cycle"]
+    assert ambient.apply(recorded) == []
+
+    assert sorted(recorded["matplotlib.rcParams"]) == ["axes.prop_cycle", "font.sans-serif"]
+    assert matplotlib.rcParams["font.sans-serif"][0] == "Durable Sans"
+    assert "linewidth" in matplotlib.rcParams["axes.prop_cycle"].keys
+
+
+def test_pandas_options_replay_by_key() -> None:
+    before = ambient.snapshot()
+    pd.set_option("display.max_rows", 7)
+    pd.set_option("display.precision", 3)
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+
+    pd.reset_option("display.max_rows")
+    pd.reset_option("display.precision")
+    assert ambient.apply(recorded) == []
+
+    assert recorded == {"pandas.options": {"display.max_rows": 7, "display.precision": 3}}
+    assert pd.get_option("display.max_rows") == 7
+    assert pd.get_option("display.precision") == 3
+
+
+def test_numpy_printoptions_replay_including_legacy_mode() -> None:
+    np.set_printoptions(formatter={"float": "<{:.1f}>".format})  # a plain cell above the step
+    before = ambient.snapshot()
+    np.set_printoptions(precision=3, legacy="1.25")  # also drops the formatter, as numpy does
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+    uninterrupted = repr(np.array([1 / 3, 2.0]))
+
+    np.set_printoptions(precision=8, legacy=False, formatter={"float": "<{:.1f}>".format})
+    assert ambient.apply(recorded) == []
+
+    assert recorded == {"numpy.printoptions": {"precision": 3, "legacy": "1.25",
+                                               "formatter": None}}
+    assert repr(np.array([1 / 3, 2.0])) == uninterrupted == "array([0.333, 2.   ])"
+    assert np.get_printoptions()["legacy"] == "1.25"
+
+
+def warn_replay_test() -> None:
+    """One source line, so the warnings registry remembers what it already showed."""
+    warnings.warn("durable step replay", ReplayTestWarning, stacklevel=1)
+
+
+def test_warning_filters_replay_and_forget_warnings_already_shown(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    before = ambient.snapshot()
+    warnings.filterwarnings("error", message=r"durable .* replay", category=ReplayTestWarning)
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+
+    warnings.filters[:] = before["warnings.filters"]  # type: ignore[index]
+    warnings.simplefilter("default", ReplayTestWarning)  # a plain cell: shown once, remembered
+    shown: list[str] = []
+    # Not catch_warnings: entering it would forget the warnings already shown by itself.
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *rest, **named: shown.append(
+        str(message)))
+    warn_replay_test()
+    warn_replay_test()
+    assert shown == ["durable step replay"]
+    assert ambient.apply(recorded) == []
+
+    assert list(recorded) == ["warnings.filters"]
+    with pytest.raises(ReplayTestWarning):
+        warn_replay_test()
+
+
+def test_environment_variables_set_and_unset_replay() -> None:
+    os.environ["DURABLE_NB_AMBIENT_UNSET"] = "from a plain cell"
+    before = ambient.snapshot()
+    os.environ["DURABLE_NB_AMBIENT_SET"] = "EUR"
+    del os.environ["DURABLE_NB_AMBIENT_UNSET"]
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+
+    del os.environ["DURABLE_NB_AMBIENT_SET"]
+    os.environ["DURABLE_NB_AMBIENT_UNSET"] = "from a plain cell"
+    assert ambient.apply(recorded) == []
+
+    assert recorded == {"os.environ": {"set": {"DURABLE_NB_AMBIENT_SET": "EUR"},
+                                       "unset": ["DURABLE_NB_AMBIENT_UNSET"]}}
+    assert os.environ["DURABLE_NB_AMBIENT_SET"] == "EUR"
+    assert "DURABLE_NB_AMBIENT_UNSET" not in os.environ
+
+
+def test_sys_path_replays_in_place(tmp_path: Path) -> None:
+    before = ambient.snapshot()
+    sys.path.append(str(tmp_path))
+    sys.path.insert(0, str(tmp_path / "first"))
+    uninterrupted = list(sys.path)
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+
+    path_list = sys.path
+    sys.path[:] = before["sys.path"]
+    assert ambient.apply(recorded) == []
+
+    assert list(recorded) == ["sys.path"]
+    assert sys.path == uninterrupted
+    assert sys.path is path_list
+
+
+def test_working_folder_replays(tmp_path: Path) -> None:
+    before = ambient.snapshot()
+    os.chdir(tmp_path)
+    uninterrupted = os.getcwd()
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+
+    os.chdir(before["cwd"])
+    assert ambient.apply(recorded) == []
+
+    assert recorded == {"cwd": uninterrupted}
+    assert os.getcwd() == uninterrupted
+
+
+def test_a_working_folder_that_is_gone_is_a_problem_and_the_rest_still_applies(
+        tmp_path: Path) -> None:
+    (tmp_path / "gone").mkdir()
+    before = ambient.snapshot()
+    os.chdir(tmp_path / "gone")
+    random.seed(5)
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+    uninterrupted_next = random.random()
+
+    os.chdir(before["cwd"])
+    (tmp_path / "gone").rmdir()
+    random.seed(0)
+    problems = ambient.apply(recorded)
+
+    assert len(problems) == 1
+    assert problems[0].startswith("cwd: FileNotFoundError: the folder ")
+    assert "no longer exists" in problems[0]
+    assert os.getcwd() == before["cwd"]
+    assert random.random() == uninterrupted_next
+
+
+def test_a_kind_that_cannot_be_applied_is_a_problem_and_the_others_still_apply() -> None:
+    before = ambient.snapshot()
+    random.seed(5)
+    pd.set_option("display.max_rows", 7)
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+    uninterrupted_next = random.random()
+    # As if recorded by other library versions than this process has.
+    recorded["pandas.options"]["display.no_such_option"] = 1
+    recorded["numpy.printoptions"] = {"no_such_print_option": 1}
+    recorded["someone.elses.state"] = 1
+
+    random.seed(0)
+    pd.reset_option("display.max_rows")
+    problems = ambient.apply(recorded)
+
+    assert [problem.split(":")[0] for problem in problems] == [
+        "numpy.printoptions", "pandas.options", "someone.elses.state"]
+    assert "display.no_such_option" in problems[1]
+    assert "no ambient state of this name is registered" in problems[2]
+    assert random.random() == uninterrupted_next
+    assert pd.get_option("display.max_rows") == 7  # the option next to the bad one
+
+
+def test_a_state_that_cannot_be_read_is_left_out_of_the_snapshot(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=ambient.__name__)
+    (tmp_path / "gone").mkdir()
+    os.chdir(tmp_path / "gone")
+    (tmp_path / "gone").rmdir()  # os.getcwd() raises from now on
+
+    taken = ambient.snapshot()
+
+    assert "cwd" not in taken
+    assert set(taken) == set(BUILT_IN_NAMES) - {"cwd"}
+    assert any("cwd" in record.getMessage() for record in caplog.records)
+
+
+def test_changes_apply_in_a_fresh_process(tmp_path: Path) -> None:
+    original_environ = dict(os.environ)
+    original_folder = os.getcwd()
+    (tmp_path / "step-folder").mkdir()
+    before = ambient.snapshot()
+    random.seed(1)
+    np.random.seed(2)
+    plt.style.use("ggplot")
+    pd.set_option("display.max_rows", 7)
+    np.set_printoptions(precision=2)
+    warnings.filterwarnings("error", message="durable replay", category=RuntimeWarning)
+    os.environ["DURABLE_NB_AMBIENT_CURRENCY"] = "EUR"
+    sys.path.append(str(tmp_path / "on-path"))
+    os.chdir(tmp_path / "step-folder")
+    recorded = ambient.changes(before, ambient.snapshot())
+    (tmp_path / "changes.pickle").write_bytes(cloudpickle.dumps(recorded))
+    ggplot_keys = sorted(matplotlib.style.library["ggplot"])
+    uninterrupted = {"random": random.random(), "numpy": float(np.random.rand()),
+                     "max_rows": 7, "precision": 2, "currency": "EUR",
+                     "on_path": True, "cwd": os.getcwd(), "warning_raises": True,
+                     "rc": {key: matplotlib.rcParams[key] for key in ggplot_keys}}
+
+    output = run_python(f"""
+        import os, pickle, random, sys, warnings
+        from durable_nb import ambient
+        with open({str(tmp_path / "changes.pickle")!r}, "rb") as file:
+            recorded = pickle.load(file)
+        problems = ambient.apply(recorded)
+        import matplotlib, numpy as np, pandas as pd
+        try:
+            warnings.warn("durable replay", RuntimeWarning)
+            warning_raises = False
+        except RuntimeWarning:
+            warning_raises = True
+        observed = {{"random": random.random(), "numpy": float(np.random.rand()),
+                    "max_rows": pd.get_option("display.max_rows"),
+                    "precision": np.get_printoptions()["precision"],
+                    "currency": os.environ.get("DURABLE_NB_AMBIENT_CURRENCY"),
+                    "on_path": {str(tmp_path / "on-path")!r} in sys.path, "cwd": os.getcwd(),
+                    "warning_raises": warning_raises,
+                    "rc": {{key: matplotlib.rcParams[key] for key in {ggplot_keys!r}}}}}
+        with open({str(tmp_path / "observed.pickle")!r}, "wb") as file:
+            pickle.dump((problems, observed), file)
+        """, cwd=Path(original_folder), env=original_environ)
+    problems, observed = pickle.loads((tmp_path / "observed.pickle").read_bytes())
+
+    assert sorted(recorded) == sorted(BUILT_IN_NAMES), output
+    assert problems == []
+    assert observed == uninterrupted
+
+
+def test_a_library_first_imported_by_the_step_replays_in_a_fresh_process(
+        tmp_path: Path) -> None:
+    run_python(f"""
+        import pickle, sys
+        import cloudpickle
+        from durable_nb import ambient
+        before = ambient.snapshot()
+        imported_before = [name for name in ("numpy", "pandas", "matplotlib")
+                           if name in sys.modules]
+        import matplotlib, numpy as np, pandas as pd
+        np.random.rand()  # from the entropy numpy seeded itself with
+        pd.set_option("display.max_rows", 7)
+        matplotlib.rcParams["lines.linewidth"] = 4
+        recorded = ambient.changes(before, ambient.snapshot())
+        uninterrupted_next = float(np.random.rand())
+        with open({str(tmp_path / "step.pickle")!r}, "wb") as file:
+            file.write(cloudpickle.dumps((imported_before, before, recorded,
+                                          uninterrupted_next)))
+        """, cwd=tmp_path)
+    imported_before, before, recorded, uninterrupted_next = pickle.loads(
+        (tmp_path / "step.pickle").read_bytes())
+
+    output = run_python(f"""
+        import pickle, warnings
+        from durable_nb import ambient
+        with open({str(tmp_path / "step.pickle")!r}, "rb") as file:
+            recorded = pickle.load(file)[2]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            problems = ambient.apply(recorded)
+        import matplotlib, numpy as np, pandas as pd
+        with open({str(tmp_path / "replay.pickle")!r}, "wb") as file:
+            pickle.dump((problems, [str(warning.message) for warning in caught],
+                         float(np.random.rand()), pd.get_option("display.max_rows"),
+                         matplotlib.rcParams["lines.linewidth"]), file)
+        """, cwd=tmp_path)
+    problems, caught, replayed_next, max_rows, linewidth = pickle.loads(
+        (tmp_path / "replay.pickle").read_bytes())
+
+    assert imported_before == []  # snapshot() imports none of them
+    assert before["numpy.random"] is None and before["matplotlib.rcParams"] is None
+    assert recorded["pandas.options"] == {"display.max_rows": 7}  # against pandas' defaults
+    rc_change = recorded["matplotlib.rcParams"]
+    assert rc_change["lines.linewidth"] == 4 and "backend" not in rc_change
+    assert len(rc_change) > 300  # every key: what a fresh import gives cannot be known
+    assert problems == [] and caught == [], output
+    assert replayed_next == uninterrupted_next
+    assert (max_rows, linewidth) == (7, 4)
+
+
+def write_plugin(folder: Path) -> None:
+    """A module and the installed-distribution metadata that declares its entry points."""
+    (folder / "ambient_plugin.py").write_text(textwrap.dedent("""
+        from durable_nb.ambient import AmbientState
+
+        SETTINGS = {"units": "metric"}
+
+        def set_units(units):
+            SETTINGS["units"] = units
+
+        UNITS = AmbientState("ambient_plugin.units", lambda: SETTINGS["units"], set_units)
+
+        def make_state():
+            return AmbientState("ambient_plugin.made", lambda: 1, lambda change: None)
+        """))
+    dist_info = folder / "ambient_plugin-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: ambient-plugin\n"
+                                        "Version: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(textwrap.dedent("""
+        [durable_nb.ambient]
+        units = ambient_plugin:UNITS
+        made = ambient_plugin:make_state
+        missing = ambient_plugin_missing:UNITS
+        not_a_state = ambient_plugin:SETTINGS
+        """))
+
+
+def test_entry_points_add_kinds_and_a_broken_one_is_skipped(tmp_path: Path) -> None:
+    write_plugin(tmp_path)
+
+    output = run_python(f"""
+        import logging, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        logging.basicConfig(level=logging.WARNING, format="LOG %(message)s")
+        from durable_nb import ambient
+        print("names", [state.name for state in ambient.registered()])
+        import ambient_plugin
+        before = ambient.snapshot()
+        ambient_plugin.SETTINGS["units"] = "imperial"
+        recorded = ambient.changes(before, ambient.snapshot())
+        ambient_plugin.SETTINGS["units"] = "metric"
+        print("problems", ambient.apply(recorded), recorded, ambient_plugin.SETTINGS)
+        """, cwd=tmp_path)
+
+    assert f"names {BUILT_IN_NAMES + ['ambient_plugin.units', 'ambient_plugin.made']}" in output
+    assert ("problems [] {'ambient_plugin.units': 'imperial'} {'units': 'imperial'}"
+            in output)
+    assert "entry point missing = ambient_plugin_missing:UNITS could not be loaded" in output
+    assert "entry point not_a_state = ambient_plugin:SETTINGS could not be loaded" in output
+
+
+def test_register_replaces_a_kind_in_its_place_and_adds_new_ones_last(tmp_path: Path) -> None:
+    output = run_python("""
+        from durable_nb import ambient
+        ambient.register(ambient.AmbientState("random", lambda: "mine", lambda change: None))
+        ambient.register(ambient.AmbientState("extra", lambda: 1, lambda change: None))
+        print([state.name for state in ambient.registered()])
+        print(ambient.snapshot()["random"])
+        """, cwd=tmp_path)
+
+    assert output.splitlines() == [str(BUILT_IN_NAMES + ["extra"]), "mine"]
