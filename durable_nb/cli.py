@@ -140,7 +140,7 @@ def _exported_step(store: StepStore, record: StepRecord) -> dict[str, Any]:
         **dataclasses.asdict(record),
         "outputs": [item.output for item in outputs],
         "variables": [{"name": v.name, "codec": v.codec, "type_name": v.type_name,
-                       "size_bytes": v.size_bytes} for v in variables],
+                       "size_bytes": v.size_bytes} for v in variables if v.holds_a_variable],
     }
 
 

@@ -32,9 +32,10 @@ FAILURES = {
         "executed on the replay run instead of replaying: a completed record was there to replay.",
     ],
     "test-hidden-side-effect-fail": [
-        "Cell 2 (import os): outputs differ between the executed run and the replay run:",
-        "-[stdout] currency: EUR rate: 1.08",
-        "+[stdout] currency: None rate: 1.08",
+        "Cell 2 (from decimal import Decimal): outputs differ between the executed run and the "
+        "replay run:",
+        "-[stdout] one seventh: 0.143 rate: 1.08",
+        "+[stdout] one seventh: 0.1428571428571428571428571429 rate: 1.08",
     ],
     "test-restored-value-fail": [
         "Cell 1 (%%durable_step connect): variable 'client' (recorded by step 'connect') differs "
@@ -101,6 +102,21 @@ def test_process_state_lost_in_a_crash_fails_the_resume_check_only(pytester: pyt
         "resumed run:",
         "Cell 2 (%%durable_step sample): variable 'batch' (recorded by step 'sample') differs "
         "after this cell on the resumed run:",
+    ])
+
+
+def test_each_crash_point_given_gets_a_resume_check_on_a_store_of_its_own(
+        pytester: pytest.Pytester) -> None:
+    # After `sample`, the last step, the resume check passes; after `seed` it fails. Were the
+    # stores shared, the run that crashes after `seed` would replay both steps and pass.
+    result = run_check(pytester, "test-global-state-fail", "--durable-crash-after", "sample",
+                       "--durable-crash-after", "seed", "--durable-crash-after", "sample", "-v")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines([
+        "*test-global-state-fail.ipynb::replay PASSED*",
+        "*test-global-state-fail.ipynb::resume-after-step-sample PASSED*",
+        "*test-global-state-fail.ipynb::resume-after-step-seed FAILED*",
+        "*after a crash at step seed, the resumed run does not equal an uninterrupted run.",
     ])
 
 

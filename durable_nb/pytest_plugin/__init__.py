@@ -5,7 +5,8 @@ a fresh kernel on a private store: first executing every durable step, then repl
 them. The check fails when a step executes on the second run, when any cell's outputs
 differ between the runs, or when a variable a step recorded comes back different.
 `--durable-crash-after K` adds a check that kills the kernel after step K and compares the
-resumed run with an uninterrupted one. nbval's cell markers and tags are honoured.
+resumed run with an uninterrupted one; given more than once, it adds a check per crash point.
+nbval's cell markers and tags are honoured.
 
 Registered through the `pytest11` entry point; everything heavy is imported only when the
 option is given, so that an ordinary pytest run pays nothing for it.
@@ -25,10 +26,11 @@ def pytest_addoption(parser: Any) -> None:
              "executing then replaying; fail if a step executes again, or outputs or recorded "
              "variables differ.")
     group.addoption(
-        "--durable-crash-after", metavar="STEP", default=None,
+        "--durable-crash-after", metavar="STEP", action="append", default=None,
         help="Also kill the kernel after step STEP (its number from 1, or its name) on a first "
              "run, then check that the resumed run completes and equals an uninterrupted run. "
-             "Implies --durable-replay.")
+             "Give it again for more crash points: one check each, sharing one uninterrupted "
+             "run. Implies --durable-replay.")
     group.addoption(
         "--durable-cell-timeout", metavar="SECONDS", type=float, default=600.0,
         help="Seconds one cell may run in a replay check (default: 600).")

@@ -1,13 +1,14 @@
-"""A notebook as pytest items: `replay`, and `resume-after-step-K` with --durable-crash-after.
+"""A notebook as pytest items: `replay`, and `resume-after-step-K` per --durable-crash-after K.
 
 The notebook's executed run (fresh kernel, empty private store) is made once and shared by
-both items. Private stores live in a scratch folder under pytest's base temporary folder,
+all its items. Private stores live in a scratch folder under pytest's base temporary folder,
 removed when the checks pass and kept, and named in the report, when one fails.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,8 +35,8 @@ class ReplayNotebook(pytest.File):
         self.scratch: Path | None = None
         self.keep_scratch = False
         yield ReplayCheck.from_parent(self, name="replay")
-        crash_after = self.config.option.durable_crash_after
-        if crash_after:
+        # One check per crash point, in the order given; a point given twice is one check.
+        for crash_after in dict.fromkeys(self.config.option.durable_crash_after or ()):
             yield ResumeCheck.from_parent(self, name=f"resume-after-step-{crash_after}",
                                           crash_after=crash_after)
 
@@ -134,11 +135,14 @@ class ResumeCheck(_Check):
         crash_cell = self.crash_cell()
         executed = dataclasses.replace(self.parent.executed_run(), label="uninterrupted run")
         self.fail_on([run_stopped(executed)], "the notebook does not run to the end.")
-        crashed = self.parent.kernel_session("crashed", "run that crashed").run(
+        # A store of its own for each crash point: the runs of another point have completed
+        # every step in theirs.
+        store_name = "crashed-after-" + re.sub(r"[^\w.-]", "_", self.crash_after)
+        crashed = self.parent.kernel_session(store_name, "run that crashed").run(
             kill_after_cell=crash_cell)
         if crashed.killed_after is None:
             self.fail_on([run_stopped(crashed)], "the run stopped before the crash point.")
-        resumed = self.parent.kernel_session("crashed", "resumed run").run(
+        resumed = self.parent.kernel_session(store_name, "resumed run").run(
             watch_variables=_recorded_names(executed))
         notebook = self.parent.notebook
         self.fail_on([*unexpected_executions(resumed, allow_new_steps=True),

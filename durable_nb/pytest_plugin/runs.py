@@ -116,7 +116,7 @@ class StoreWatcher:
         if record.status != COMPLETED:
             return ()
         _, variables = self._store.read_step(record)
-        return tuple(variable.name for variable in variables)
+        return tuple(variable.name for variable in variables if variable.holds_a_variable)
 
 
 def _written_anew(previous: StepRecord | None, record: StepRecord) -> bool:
