@@ -10,8 +10,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Workflow", "__version__", "current_step", "load_ipython_extension",
-           "unload_ipython_extension"]
+__all__ = ["AmbientState", "Workflow", "__version__", "current_step", "load_ipython_extension",
+           "register_ambient", "unload_ipython_extension"]
 
 
 def load_ipython_extension(shell: Any) -> None:
@@ -39,4 +39,8 @@ def __getattr__(name: str) -> Any:
         from .context import current_step
 
         return current_step
+    if name in ("AmbientState", "register_ambient"):
+        from . import ambient
+
+        return ambient.AmbientState if name == "AmbientState" else ambient.register
     raise AttributeError(f"module 'durable_nb' has no attribute {name!r}")
