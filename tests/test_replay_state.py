@@ -1,0 +1,229 @@
+"""What a replay rebuilds, in a real IPython shell: identities, in-place changes, live globals.
+
+A restart here is `shell.reset(new_session=True)` (a fresh namespace, the clock back at 1);
+tests/test_fidelity_cases.py and tests/test_replay_model.py check the same promises across
+real kernel restarts. Each test runs cells, restarts, runs them again, and checks that the
+steps replayed (the counter file) and that the program is the one the first run had.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from durable_nb.codec import RestoreFailed, decode_state, encode_state
+from durable_nb.executor import DurableWarning
+from durable_nb.references import index_live_objects
+
+from .conftest import NotebookSession, counted_step, runs
+
+
+def run_twice(session: NotebookSession, cells: list[str]) -> None:
+    for cell in cells:
+        session.ok(cell)
+    session.restart()
+    for cell in cells:
+        session.ok(cell)
+
+
+def test_a_function_defined_in_a_step_sees_later_rebindings(session: NotebookSession,
+                                                           counter: Path) -> None:
+    cells = ["K = 2", counted_step(counter, "define", "import math\ndef f(x): return math.floor(x) * K"),
+             "K = 10"]
+    run_twice(session, cells)
+    assert runs(counter) == ["define"]
+    assert session.ns["f"](3.5) == 30
+    assert session.ns["f"].__globals__ is session.ns
+
+
+def test_methods_lambdas_and_closures_from_a_step_use_the_live_namespace(
+        session: NotebookSession, counter: Path) -> None:
+    body = ("class Scaler:\n    def apply(self, x): return x * FACTOR\n"
+            "double = lambda x: helper(x) * 2\n"
+            "def make(n):\n    def add(x): return x + n + OFFSET\n    return add\n"
+            "add3 = make(3)\nscaler = Scaler()")
+    cells = ["FACTOR = 1\nOFFSET = 0\ndef helper(x): return x",
+             counted_step(counter, "define", body),
+             "FACTOR = 5\nOFFSET = 100\ndef helper(x): return -x"]
+    run_twice(session, cells)
+    assert runs(counter) == ["define"]
+    assert (session.ns["scaler"].apply(2), session.ns["double"](1), session.ns["add3"](1)) \
+        == (10, -2, 104)
+
+
+def test_aliases_within_a_step_stay_one_object(session: NotebookSession, counter: Path) -> None:
+    run_twice(session, [counted_step(counter, "make", "a = [1]\nb = {'a': a}\nc = (a, b)")])
+    assert runs(counter) == ["make"]
+    ns = session.ns
+    assert ns["b"]["a"] is ns["a"] and ns["c"][0] is ns["a"] and ns["c"][1] is ns["b"]
+
+
+def test_a_later_step_refers_to_an_earlier_steps_object(session: NotebookSession,
+                                                        counter: Path) -> None:
+    cells = [counted_step(counter, "one", "a = [1]"),
+             counted_step(counter, "two", "b = {'a': a}\nalias = a"),
+             "a.append(2)"]
+    run_twice(session, cells)
+    assert runs(counter) == ["one", "two"]
+    ns = session.ns
+    assert ns["b"]["a"] is ns["a"] and ns["alias"] is ns["a"] and ns["a"] == [1, 2]
+
+
+def test_a_step_changing_an_object_that_a_plain_cell_aliased_changes_it_in_place(
+        session: NotebookSession, counter: Path) -> None:
+    cells = ["a = [1]\nb = a\nholder = {'inner': [0]}\nview = [holder['inner']]",
+             counted_step(counter, "change", "a.append(2)\nholder['inner'].append(9)")]
+    run_twice(session, cells)
+    assert runs(counter) == ["change"]
+    ns = session.ns
+    assert ns["b"] is ns["a"] and ns["b"] == [1, 2]
+    assert ns["view"][0] is ns["holder"]["inner"] and ns["view"][0] == [0, 9]
+
+
+def test_an_object_made_in_one_step_and_changed_through_another_keeps_its_identity(
+        session: NotebookSession, counter: Path) -> None:
+    cells = [counted_step(counter, "scale", "from sklearn.preprocessing import StandardScaler\n"
+                                             "scaler = StandardScaler()"),
+             counted_step(counter, "fit", "from sklearn.pipeline import make_pipeline\n"
+                                          "from sklearn.linear_model import LogisticRegression\n"
+                                          "pipe = make_pipeline(scaler, LogisticRegression())\n"
+                                          "pipe.fit([[0.0], [1.0], [2.0], [3.0]], [0, 0, 1, 1])")]
+    run_twice(session, cells)
+    assert runs(counter) == ["scale", "fit"]
+    ns = session.ns
+    assert ns["pipe"][0] is ns["scaler"] and list(ns["scaler"].mean_) == [1.5]
+
+
+def test_an_instance_of_a_plain_cell_class_is_an_instance_of_the_live_class(
+        session: NotebookSession, counter: Path) -> None:
+    cells = ["class Model:\n    def __init__(self): self.w = 1",
+             counted_step(counter, "make", "model = Model()\nmodel.w = 3")]
+    run_twice(session, cells)
+    assert runs(counter) == ["make"]
+    assert isinstance(session.ns["model"], session.ns["Model"]) and session.ns["model"].w == 3
+
+
+def test_changes_to_an_instance_and_a_class_made_in_plain_cells_are_replayed_in_place(
+        session: NotebookSession, counter: Path) -> None:
+    cells = ["class Config:\n    rate = 1\nconfig = Config()\nsame = config",
+             counted_step(counter, "tune", "Config.rate = 5\nconfig.level = 'high'")]
+    run_twice(session, cells)
+    assert runs(counter) == ["tune"]
+    ns = session.ns
+    assert ns["same"] is ns["config"] and ns["config"].level == "high" and ns["Config"].rate == 5
+
+
+def test_an_array_and_a_frame_changed_in_place_keep_their_identity(
+        session: NotebookSession, counter: Path) -> None:
+    cells = ["import numpy as np, pandas as pd\narr = np.zeros(4)\nframe = pd.DataFrame({'x': [1, 2]})\n"
+             "pair = (arr, frame)",
+             counted_step(counter, "fill", "arr[1] = 7\nframe['y'] = frame['x'] * 2")]
+    run_twice(session, cells)
+    assert runs(counter) == ["fill"]
+    ns = session.ns
+    assert ns["pair"][0] is ns["arr"] and ns["arr"][1] == 7
+    assert ns["pair"][1] is ns["frame"] and list(ns["frame"]["y"]) == [2, 4]
+
+
+def test_a_deleted_name_stays_deleted(session: NotebookSession, counter: Path) -> None:
+    run_twice(session, ["scratch = 1", counted_step(counter, "clean", "del scratch\nkept = 2")])
+    assert runs(counter) == ["clean"]
+    assert "scratch" not in session.ns and session.ns["kept"] == 2
+
+
+def test_process_state_a_step_changed_is_set_again_on_replay(session: NotebookSession,
+                                                             counter: Path, tmp_path: Path) -> None:
+    import os
+    import random
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    body = (f"import os, random\nos.environ['DURABLE_NB_TEST_CURRENCY'] = 'EUR'\n"
+            f"os.chdir({str(folder)!r})\nrandom.seed(11)\nfirst = random.random()")
+    here = os.getcwd()
+    try:
+        run_twice(session, [counted_step(counter, "configure", body)])
+        # The in-process "restart" keeps process state: undo it as a new process would have it.
+        os.environ.pop("DURABLE_NB_TEST_CURRENCY")
+        os.chdir(here)
+        random.seed(0)
+        session.restart()
+        session.ok(counted_step(counter, "configure", body))
+        assert runs(counter) == ["configure"]
+        assert os.environ.get("DURABLE_NB_TEST_CURRENCY") == "EUR" and os.getcwd() == str(folder)
+        random.seed(11)
+        random.random()
+        expected = random.random()
+        session.ok(counted_step(counter, "configure", body))  # replays again: the same state
+        assert random.random() == expected
+    finally:
+        os.environ.pop("DURABLE_NB_TEST_CURRENCY", None)
+        os.chdir(here)
+
+
+def test_a_stream_that_refers_to_an_object_the_namespace_no_longer_has_cannot_be_decoded() -> None:
+    # The decision replays only when the inputs' digests match, which covers what the paths
+    # lead through; this is the check behind that, at the codec.
+    before = {"shared": {"rows": [1]}, "other": [2]}
+    live = index_live_objects(before, lambda name: False, ["shared"])
+    encoded = encode_state(live, {"view": before["shared"]["rows"], "copy": [3]}, [], {})
+    fresh = {"shared": {"rows": [1]}, "other": [2]}
+    decoded = decode_state(fresh, encoded.chunks, lambda changes: None)
+    assert decoded.bindings["view"] is fresh["shared"]["rows"]
+    with pytest.raises(RestoreFailed, match=r"refers to shared\['rows'\], which the notebook "
+                                            r"does not hold now \(KeyError"):
+        decode_state({"shared": {}, "other": [2]}, encoded.chunks, lambda changes: None)
+    # A path that leads nowhere but that the stream never uses is harmless.
+    unused = encode_state(live, {"copy": [3]}, [], {})
+    assert decode_state({"shared": {}}, unused.chunks, lambda changes: None).bindings == {"copy": [3]}
+
+
+def test_an_unpicklable_variable_is_left_out_and_the_rest_replays_with_identity(
+        session: NotebookSession, counter: Path) -> None:
+    body = "import threading\nlock = threading.Lock()\nrows = [1]\nsame = rows"
+    with pytest.warns(DurableWarning, match=r"'lock'"):
+        session.ok(counted_step(counter, "mixed", body))
+    session.restart()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DurableWarning)
+        session.ok(counted_step(counter, "mixed", body))
+    assert runs(counter) == ["mixed"]
+    assert "lock" not in session.ns and session.ns["same"] is session.ns["rows"]
+
+
+def test_a_step_that_executes_again_with_the_same_result_leaves_later_steps_replayable(
+        session: NotebookSession, counter: Path) -> None:
+    cells = ["n = 3", counted_step(counter, "parity", "odd = n % 2 == 1"),
+             counted_step(counter, "report", "label = 'odd' if odd else 'even'")]
+    run_twice(session, cells)
+    session.restart()
+    session.ok("n = 5")  # parity's input changed, its result did not
+    session.ok(cells[1])
+    session.ok(cells[2])
+    assert runs(counter) == ["parity", "report", "parity"]
+    session.restart()
+    session.ok("n = 4")  # now the result changes: report must execute
+    session.ok(cells[1])
+    session.ok(cells[2])
+    assert runs(counter) == ["parity", "report", "parity", "parity", "report"]
+    assert session.ns["label"] == "even"
+
+
+def test_a_step_recorded_by_an_earlier_durable_nb_executes_once_and_is_recorded_anew(
+        session: NotebookSession, counter: Path) -> None:
+    import duckdb
+
+    cell = counted_step(counter, "old", "rows = [1, 2]")
+    session.ok(cell)
+    # What the store held before state streams: a pickle per variable.
+    with duckdb.connect(str(session.store_path)) as connection:
+        connection.execute("UPDATE step_variables SET codec = 'pickle' WHERE codec = 'bound'")
+    session.store = type(session.store)(session.store_path)
+    session.restart()
+    with pytest.warns(DurableWarning, match=r"recorded by an earlier durable_nb.*executes instead"):
+        session.ok(cell)
+    session.restart()
+    session.ok(cell)
+    assert runs(counter) == ["old", "old"] and session.ns["rows"] == [1, 2]
