@@ -468,7 +468,7 @@ class DurableExecutor:
                 bindings[name] = value
         # Objects nested in what the step changed in place may have changed with it.
         taken = {id(item.value) for item in changed}
-        for path, value in live.found_only_under(change.mutated):
+        for path, value in live.found_only_under([*change.mutated, *change.released]):
             if id(value) not in taken and value is not namespace:
                 changed.append(ChangedInPlace(describe(path), value, is_variable=False))
         encoded = encode_state(live, bindings, changed, ambient_changes)

@@ -41,10 +41,9 @@ _SIMPLE_KEYS = (str, int, float, bool, type(None))
 def has_identity(value: Any) -> bool:
     """Whether which object this is can matter to a program (a list does, `3` does not).
 
-    Tuples and frozensets matter only through what they hold (they are walked, not
-    indexed); classes and functions from libraries are pickled by reference anyway.
+    Classes and functions from libraries are pickled by reference anyway.
     """
-    if isinstance(value, _NO_IDENTITY) or type(value) in (tuple, frozenset):
+    if isinstance(value, _NO_IDENTITY):
         return False
     if isinstance(value, (type, types.FunctionType)):
         return getattr(value, "__module__", None) == "__main__"

@@ -34,6 +34,7 @@ class StateChange:
     changed: tuple[str, ...]  # bound anew, or changed in place
     deleted: tuple[str, ...]
     mutated: tuple[str, ...] = ()  # among `changed`: the same object as before, changed in place
+    released: tuple[str, ...] = ()  # inputs rebound or deleted: their old objects may have changed
 
 
 def can_change_in_place(value: Any) -> bool:
@@ -89,7 +90,31 @@ class NamespaceWatch:
                 changed.append(name)
                 mutated.append(name)
         deleted = [name for name in self._before if name not in namespace]
-        return StateChange(tuple(sorted(changed)), tuple(sorted(deleted)), tuple(sorted(mutated)))
+        released = [name for name in self._input_digests
+                    if name in self._before and namespace.get(name, _NOTHING) is not self._before[name]]
+        for holder in self._changed_under_other_names(namespace, released, changed):
+            changed.append(holder)
+            mutated.append(holder)
+        return StateChange(tuple(sorted(changed)), tuple(sorted(deleted)), tuple(sorted(mutated)),
+                           tuple(sorted(released)))
+
+    def _changed_under_other_names(self, namespace: Mapping[str, Any], released: list[str],
+                                   changed: list[str]) -> list[str]:
+        """`b = a` in a plain cell, then a step changes `a` and rebinds (or deletes) it: the
+        old object, still `b`, changed in place. Names holding such an object, found and
+        digested only for inputs the step rebound or deleted."""
+        holders: list[str] = []
+        for name in released:
+            old, before = self._before[name], self._input_digests[name]
+            if not can_change_in_place(old) or is_opaque(before):
+                continue
+            names = [other for other, value in namespace.items() if value is old
+                     and other not in changed and not self._is_hidden(other)]
+            if names and self._translate(old, value_digest(old)) != before:
+                for other in names:
+                    self.after_digests[other] = self._translate(old, value_digest(old))
+                holders.extend(names)
+        return holders
 
 
 _NOTHING = object()

@@ -227,3 +227,14 @@ def test_a_step_recorded_by_an_earlier_durable_nb_executes_once_and_is_recorded_
     session.restart()
     session.ok(cell)
     assert runs(counter) == ["old", "old"] and session.ns["rows"] == [1, 2]
+
+
+def test_an_object_a_step_changed_and_then_rebound_is_changed_under_its_other_names(
+        session: NotebookSession, counter: Path) -> None:
+    cells = ["a = [1]\nb = a\nt = (a, 2)\nu = t",
+             counted_step(counter, "swap", "a.append(2)\na = ['new']\nv = t")]
+    run_twice(session, cells)
+    assert runs(counter) == ["swap"]
+    ns = session.ns
+    assert ns["b"] == [1, 2] and ns["t"][0] is ns["b"] and ns["a"] == ["new"]
+    assert ns["v"] is ns["t"] and ns["u"] is ns["t"]
