@@ -49,7 +49,8 @@ def sized_digest(value: Any) -> tuple[str, int]:
     - notebook functions and classes count by their code (`code_digest`), not by the
       kernel-specific file IPython compiles a cell in, nor by cloudpickle's class ids;
     - a set counts by its members' digests, sorted (its order follows string hashing,
-      which is randomised per process);
+      which is randomised per process); a dict keyed by its values' addresses
+      (`{id(node): node}`) counts by its values;
     - a numpy array counts by dtype, shape and contents (not memory layout), its memory
       hashed in place, never copied into the pickle; a masked array by data, mask and fill;
     - which equal parts are one object does not count (a restored copy shares strings and
@@ -193,9 +194,21 @@ class _DigestPickler(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
     def persistent_id(self, obj: Any) -> Any:
-        if type(obj) in (set, frozenset):  # pickle saves these itself, past reducer_override
+        kind = type(obj)
+        if kind in (set, frozenset):  # pickle saves these itself, past reducer_override
             return ("set", sorted(value_digest(member) for member in obj))
+        if kind is dict and obj and _keyed_by_identity(obj):
+            # `{id(node): node}` (matplotlib's transform tree keeps its parents so): the
+            # addresses differ in every process, the nodes do not.
+            return ("keyed by identity", list(obj.values()))
         return None
+
+
+def _keyed_by_identity(mapping: dict[Any, Any]) -> bool:
+    for key, value in mapping.items():
+        if type(key) is not int or key != id(value):
+            return False
+    return True
 
 
 def _hash_with_strings_in_full(stream: bytes, digest: Any) -> None:

@@ -75,3 +75,21 @@ def test_an_array_shared_by_many_objects_is_hashed_once() -> None:
     assert hashed < 2 * weights.nbytes
     copy = pickle.loads(cloudpickle.dumps(models, protocol=5))
     assert value_digest(copy) == value_digest(models)
+
+
+def test_a_matplotlib_histogram_digests_the_same_in_every_process() -> None:
+    # Its transform tree keeps `{id(parent): parent}` dicts: addresses differ per process.
+    script = ("import matplotlib\nmatplotlib.use('agg')\nimport matplotlib.pyplot as plt\n"
+              "import numpy as np\nfrom durable_nb.fingerprint import value_digest\n"
+              "fig, ax = plt.subplots()\nhist = ax.hist(np.arange(20.0) % 7)\n"
+              "print(value_digest(hist), value_digest(fig))")
+    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              check=True, timeout=120).stdout for _ in range(2)}
+    assert len(digests) == 1
+
+
+def test_a_dict_keyed_by_its_values_addresses_counts_by_its_values() -> None:
+    first, second = [1], [1]
+    assert value_digest({id(first): first}) == value_digest({id(second): second})
+    assert value_digest({id(first): first}) != value_digest({id(first): [2]})
+    assert value_digest({1: first}) != value_digest({2: first})  # other int keys still count
