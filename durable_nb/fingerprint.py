@@ -182,6 +182,11 @@ class _DigestPickler(cloudpickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
             return _reduce_notebook_code(obj)
+        cbook = sys.modules.get("matplotlib.cbook")
+        if cbook is not None and type(obj) is cbook.CallbackRegistry:
+            # Event callbacks are not the artist's value, and pickling the registry advances
+            # its id counter (`__getstate__` calls `next`): each digest would change it.
+            return _stand_in, ("matplotlib callbacks",)
         numpy, masked = sys.modules.get("numpy"), sys.modules.get("numpy.ma")
         if numpy is not None and (type(obj) is numpy.ndarray
                                   or (masked is not None and isinstance(obj, masked.MaskedArray))):

@@ -93,3 +93,18 @@ def test_a_dict_keyed_by_its_values_addresses_counts_by_its_values() -> None:
     assert value_digest({id(first): first}) == value_digest({id(second): second})
     assert value_digest({id(first): first}) != value_digest({id(first): [2]})
     assert value_digest({1: first}) != value_digest({2: first})  # other int keys still count
+
+
+def test_digesting_a_matplotlib_artist_does_not_change_its_digest() -> None:
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots()
+    try:
+        bars = axes.bar([1, 2], [3, 4])
+        # Pickling a CallbackRegistry advances its id counter: a digest must not see that.
+        assert value_digest(bars) == value_digest(bars)
+    finally:
+        plt.close(figure)
