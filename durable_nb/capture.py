@@ -3,18 +3,24 @@
 `IPython.utils.capture.capture_output` buffers until the block ends and loses the order of
 prints and displays; a ten-minute step must show its progress as it goes. So the streams
 and the display publisher are wrapped with recorders that forward every call at once.
+
+Stream text is kept as nbclient stores it (`NotebookClient(coalesce_streams=True)`, which
+nbval does too): the writes of one stream between two displays become one output, stdout
+before stderr, and a carriage return drops what it would overwrite. Writes are appended to
+a list and settled in blocks, so recording costs time and memory linear in what is printed.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator, TextIO
 
 from .store import StoredOutput
-
 
 def notebook_data(data: dict[str, Any]) -> dict[str, Any]:
     """A MIME bundle as a notebook stores it: IPython's formatters hand over raw bytes for
@@ -28,56 +34,182 @@ def notebook_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
     return json.loads(json.dumps(metadata or {}, default=str))
 
 
+# nbclient 0.11 keeps its stream coalescing inline in `NotebookClient.async_execute_cell`, with
+# no function to call, and importing `nbclient.client` takes over a second in a kernel
+# (nbformat's validator pulls in jsonschema); nbclient is an optional extra besides. So its
+# rule is copied here: `_RGX_CARRIAGERETURN` from nbclient/client.py, applied the way
+# nbclient does. nbclient's backspace loop (`_RGX_BACKSPACE`) never runs, because its
+# condition `len(new) < len(old)` starts out false, so "\b" is stored as written there,
+# and here. tests/test_capture.py checks this against nbclient itself.
+_CARRIAGE_RETURN = re.compile(r".*\r(?=[^\n])")
+
+
+def collapse_carriage_returns(text: str) -> str:
+    """`text` as nbclient stores it: on each line, what precedes the last carriage return
+    that is followed by more of the line is dropped (a progress bar keeps its last state)."""
+    return _CARRIAGE_RETURN.sub("", text) if "\r" in text else text
+
+
+# A stream's writes are joined and collapsed every so many: few enough that the pending list
+# costs little memory, many enough that settling costs little time.
+SETTLE_WRITES = 512
+
+
+class StreamText:
+    """The text of one stream output, written piece by piece, read once at the end.
+
+    Appending a piece is a list append. Every `SETTLE_WRITES` pieces are joined into a
+    block: its complete lines are collapsed and kept, its unfinished last line is kept
+    open. Collapsing works line by line, and collapsing the open line early gives what
+    collapsing it whole would (a carriage return followed by more of the line drops what
+    precedes it, whatever comes later), so no text is collapsed twice, and a progress bar's
+    overwritten states are dropped as it runs instead of being held to the end.
+    """
+
+    __slots__ = ("name", "_pieces", "_lines", "_open_line", "_settling")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._pieces: list[str] = []
+        self._lines: list[str] = []  # complete lines, collapsed, in blocks
+        self._open_line: list[str] = []  # the unfinished last line, in parts
+        self._settling = threading.Lock()
+
+    def append(self, text: str) -> None:
+        pieces = self._pieces
+        pieces.append(text)
+        if len(pieces) >= SETTLE_WRITES:
+            self._settle()
+
+    def text(self) -> str:
+        self._settle()
+        with self._settling:
+            if len(self._lines) > 1:  # kept joined: a second read copies nothing again
+                self._lines = ["".join(self._lines)]
+            lines = self._lines[0] if self._lines else ""
+            return lines + "".join(self._open_line) if self._open_line else lines
+
+    def _settle(self) -> None:
+        # Other threads may append meanwhile (appends go to the end, after the pieces
+        # taken here), and only one thread settles at a time.
+        with self._settling:
+            count = len(self._pieces)
+            if not count:
+                return
+            block = "".join(self._pieces[:count])
+            del self._pieces[:count]
+            end_of_lines = block.rfind("\n") + 1
+            if end_of_lines:
+                self._open_line.append(block[:end_of_lines])
+                self._lines.append(collapse_carriage_returns("".join(self._open_line)))
+                self._open_line = []
+                block = block[end_of_lines:]
+                if not block:
+                    return
+            if "\r" in block or (self._open_line and self._open_line[-1].endswith("\r")):
+                self._open_line = [collapse_carriage_returns("".join(self._open_line) + block)]
+            else:
+                self._open_line.append(block)
+
+
 class OutputRecorder:
-    """The outputs a notebook would hold for the cell, built as the cell shows them."""
+    """The outputs a notebook would hold for the cell, built as the cell shows them.
+
+    `outputs` is computed when read (the executor reads it once, after the body): streams
+    are joined then, not on every write.
+    """
 
     def __init__(self) -> None:
-        self.outputs: list[StoredOutput] = []
+        # StoredOutput for displays and results, StreamText for streams, in order.
+        self._items: list[StoredOutput | StreamText] = []
+        # The streams written since the last display, result or clear: a write to one of
+        # them joins it (the kernel buffers each stream and flushes both before a display,
+        # so no front end sees their order in between).
+        self._streams: dict[str, StreamText] = {}
         self._clear_pending = False
+        # The body's threads may show things too (a progress monitor, a logger). A write to
+        # a stream already open takes no lock: that is every write but the first.
+        self._lock = threading.Lock()
         # Set while a display publisher prints its text/plain fallback to stdout (the
         # terminal shell does): that text is the display, not a second output.
         self.suspended = 0
 
+    @property
+    def outputs(self) -> list[StoredOutput]:
+        with self._lock:
+            items = list(self._items)
+        outputs = [item if isinstance(item, StoredOutput) else StoredOutput(
+            {"output_type": "stream", "name": item.name, "text": item.text()}) for item in items]
+        # As nbclient does: its outputs arrive from two asynchronous streams, so stdout goes
+        # first where the two meet.
+        for index, item in enumerate(outputs):
+            if _is_stream(item, "stderr") and index + 1 < len(outputs) \
+                    and _is_stream(outputs[index + 1], "stdout"):
+                outputs.insert(index, outputs.pop(index + 1))
+        return outputs
+
     def stream(self, name: str, text: str) -> None:
         if not text or self.suspended:
             return
-        self._before_output()
-        last = self.outputs[-1].output if self.outputs else None
-        if last is not None and last["output_type"] == "stream" and last["name"] == name:
-            last["text"] += text
-        else:
-            self.outputs.append(StoredOutput({"output_type": "stream", "name": name, "text": text}))
+        stream = None if self._clear_pending else self._streams.get(name)
+        if stream is None:
+            stream = self._open_stream(name)
+        stream.append(text)
 
     def display(self, data: dict[str, Any], metadata: dict[str, Any] | None,
                 transient: dict[str, Any] | None, update: bool) -> None:
         output = {"output_type": "display_data", "data": notebook_data(data),
                   "metadata": notebook_metadata(metadata)}
         display_id = (transient or {}).get("display_id")
-        if update:
-            # An update changes earlier displays with that id in place; record the final state.
-            for index, item in enumerate(self.outputs):
-                if item.transient and item.transient.get("display_id") == display_id:
-                    self.outputs[index] = StoredOutput(dict(output), item.transient)
-            return
-        self._before_output()
-        self.outputs.append(StoredOutput(output, dict(transient) if transient else None))
+        with self._lock:
+            if update:
+                # An update changes earlier displays with that id in place; record the final state.
+                for index, item in enumerate(self._items):
+                    if isinstance(item, StoredOutput) and item.transient \
+                            and item.transient.get("display_id") == display_id:
+                        self._items[index] = StoredOutput(dict(output), item.transient)
+                return
+            self._append(StoredOutput(output, dict(transient) if transient else None))
 
     def result(self, data: dict[str, Any], metadata: dict[str, Any]) -> None:
-        self._before_output()
-        self.outputs.append(StoredOutput({"output_type": "execute_result", "data": notebook_data(data),
-                                          "metadata": notebook_metadata(metadata),
-                                          "execution_count": None}))
+        with self._lock:
+            self._append(StoredOutput({"output_type": "execute_result", "data": notebook_data(data),
+                                       "metadata": notebook_metadata(metadata),
+                                       "execution_count": None}))
 
     def clear(self, wait: bool) -> None:
-        if wait:
-            self._clear_pending = True
-        else:
-            self.outputs.clear()
+        with self._lock:
+            if wait:
+                self._clear_pending = True
+            else:
+                self._clear()
+
+    def _open_stream(self, name: str) -> StreamText:
+        with self._lock:
+            self._before_output()
+            stream = self._streams.get(name)
+            if stream is None:
+                stream = self._streams[name] = StreamText(name)
+                self._items.append(stream)
+            return stream
+
+    def _append(self, output: StoredOutput) -> None:
+        self._before_output()
+        self._items.append(output)
+        self._streams = {}
 
     def _before_output(self) -> None:
         if self._clear_pending:
             self._clear_pending = False
-            self.outputs.clear()
+            self._clear()
+
+    def _clear(self) -> None:
+        self._items = []
+        self._streams = {}
+
+
+def _is_stream(item: StoredOutput, name: str) -> bool:
+    return item.output["output_type"] == "stream" and item.output["name"] == name
 
 
 class _RecordingStream:
@@ -89,8 +221,10 @@ class _RecordingStream:
         self._recorder = recorder
 
     def write(self, text: str) -> int:
+        # Forwarded first: what the stream refuses (bytes, a closed stream) is not recorded.
+        written = self._original.write(text)
         self._recorder.stream(self._name, text)
-        return self._original.write(text)
+        return written  # type: ignore[no-any-return]
 
     def writelines(self, lines: Any) -> None:
         for line in lines:

@@ -38,6 +38,9 @@ from .store import (BOUND, COMPLETED, DELETED, FAILED, LEGACY_CODECS, PATCHED, S
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE_FILENAME = "durable_nb.duckdb"
+# A kernel keeps its store connection this long after a step: Run All opens it once, and an
+# idle kernel holds no lock (another process can open the store a moment later).
+CONNECTION_LINGER_SECONDS = 0.3
 
 
 class DurableWarning(UserWarning):
@@ -126,11 +129,17 @@ class DurableExecutor:
             # Resolved now, against the directory the notebook is in: a later %cd must not
             # move the workflow to another store half way.
             self._store_path = resolve_store_path(store_path)
-            self._store = None
+            self.close()
         self.strict = strict
         self.next_sequence_number = 1
         self._cells_by_step.clear()
         self._left_behind.clear()
+
+    def close(self) -> None:
+        """Let go of the store (its lingering connection, and so the file lock)."""
+        if self._store is not None:
+            self._store.database.release()
+        self._store = None
 
     @property
     def workflow_id(self) -> str:
@@ -141,7 +150,8 @@ class DurableExecutor:
         if self._store_path is None:  # the default, resolved once, at the first use
             self._store_path = resolve_store_path(None)
         if self._store is None:
-            self._store = StepStore(self._store_path, lock_timeout=self.lock_timeout)
+            self._store = StepStore(self._store_path, lock_timeout=self.lock_timeout,
+                                    linger_seconds=CONNECTION_LINGER_SECONDS)
         return self._store
 
     def set_lock_timeout(self, seconds: float | None) -> None:

@@ -140,8 +140,8 @@ class StepStore:
     """Save a step, find a step, read a stored result. Knows rows, never callables."""
 
     def __init__(self, path: str | os.PathLike[str], *, inline_limit: int = DEFAULT_INLINE_LIMIT,
-                 lock_timeout: float | None = None) -> None:
-        self.database = Database(path, lock_timeout=lock_timeout)
+                 lock_timeout: float | None = None, linger_seconds: float = 0.0) -> None:
+        self.database = Database(path, lock_timeout=lock_timeout, linger_seconds=linger_seconds)
         self.inline_limit = inline_limit
         self._snapshots: dict[str, _Snapshot] = {}
 
@@ -224,14 +224,20 @@ class StepStore:
             for variable in variables
             for index, (chunk_size, inline, blob) in enumerate(self._place_chunks(variable.chunks))
         ]
+        previous = self._snapshots.pop(record.workflow_id, None)
         self._snapshots.clear()
         with self.database.connect() as connection:
+            # Holding the lock: nobody else can write, so a snapshot that matches the files
+            # now can be brought up to date in memory, without reading the history back.
+            current = previous is not None and previous.token == self.database.file_state()
             with atomic(connection):
                 stored = self._record_step_txn(connection, record, outputs, variables,
                                                chunk_rows, supersede_from, stale_after)
-            # Still holding the lock: nobody else can write, so what we read now is what the
-            # files hold, and the next step needs no connection of its own to find it.
-            snapshot = self._read_snapshot_txn(connection, record.workflow_id)
+            if current and previous is not None:
+                snapshot = previous.after_commit(stored, outputs, _placed_variables(
+                    variables, chunk_rows), supersede_from, stale_after)
+            else:
+                snapshot = self._read_snapshot_txn(connection, record.workflow_id)
             token = self.database.file_state()
         if self.database.file_state() == token:
             self._snapshots[record.workflow_id] = replace(snapshot, token=token)
@@ -354,31 +360,40 @@ class StepStore:
 
     def _read_snapshot_txn(self, connection: Connection, workflow_id: str) -> _Snapshot:
         history = self._live_steps_txn(connection, workflow_id)
-        live_completed = ("FROM steps s JOIN {table} t USING (workflow_id, sequence_number, revision) "
-                          "WHERE s.workflow_id = ? AND s.superseded_at IS NULL AND s.status = 'completed'")
+        parameters = {"workflow": workflow_id, "limit": SNAPSHOT_STEP_BYTES}
+        # The live completed steps whose outputs and inline values are small enough to keep.
+        small = (
+            "WITH sizes AS (SELECT sequence_number, revision, sum(n) AS n FROM ("
+            "  SELECT sequence_number, revision, length(output_json) AS n FROM step_outputs"
+            "  WHERE workflow_id = $workflow UNION ALL"
+            "  SELECT sequence_number, revision, size_bytes FROM variable_chunks"
+            "  WHERE workflow_id = $workflow AND data IS NOT NULL) GROUP BY ALL), "
+            "small AS (SELECT s.sequence_number, s.revision FROM steps s LEFT JOIN sizes "
+            "  USING (sequence_number, revision) WHERE s.workflow_id = $workflow AND "
+            "  s.superseded_at IS NULL AND s.status = 'completed' AND coalesce(sizes.n, 0) <= $limit) ")
+        in_small = "FROM small JOIN {table} t USING (sequence_number, revision) WHERE t.workflow_id = $workflow"
         outputs: dict[tuple[int, int], list[StoredOutput]] = {
-            (record.sequence_number, record.revision): []
-            for record in history if record.status == COMPLETED}
+            (sequence_number, revision): [] for sequence_number, revision in connection.execute(
+                small + "SELECT * FROM small", parameters).fetchall()}
         for sequence_number, revision, output, transient in connection.execute(
-                "SELECT t.sequence_number, t.revision, t.output_json, t.transient_json "
-                + live_completed.format(table="step_outputs") + " ORDER BY t.sequence_number, t.output_index",
-                [workflow_id]).fetchall():
+                small + "SELECT t.sequence_number, t.revision, t.output_json, t.transient_json "
+                + in_small.format(table="step_outputs") + " ORDER BY t.sequence_number, t.output_index",
+                parameters).fetchall():
             outputs[(sequence_number, revision)].append(
                 StoredOutput(json.loads(output), json.loads(transient) if transient else None))
         chunks: dict[tuple[int, int, str], list[StoredChunk]] = {}
         for sequence_number, revision, name, size_bytes, data, blob in connection.execute(
-                "SELECT t.sequence_number, t.revision, t.variable_name, t.size_bytes, t.data, "
-                "t.blob_sha256 " + live_completed.format(table="variable_chunks")
-                + " ORDER BY t.sequence_number, t.variable_name, t.chunk_index", [workflow_id]).fetchall():
+                small + "SELECT t.sequence_number, t.revision, t.variable_name, t.size_bytes, t.data, "
+                "t.blob_sha256 " + in_small.format(table="variable_chunks")
+                + " ORDER BY t.sequence_number, t.variable_name, t.chunk_index", parameters).fetchall():
             chunks.setdefault((sequence_number, revision, name), []).append(
                 data if blob is None else BlobReference(blob, size_bytes))
-        variables: dict[tuple[int, int], list[StoredVariable]] = {}
+        variables: dict[tuple[int, int], list[StoredVariable]] = {key: [] for key in outputs}
         for sequence_number, revision, name, codec, kind, digest, size in connection.execute(
-                "SELECT t.sequence_number, t.revision, t.variable_name, t.codec, t.type_name, "
-                "t.content_digest, t.size_bytes "
-                + live_completed.format(table="step_variables") + " ORDER BY t.sequence_number, "
-                "t.variable_name", [workflow_id]).fetchall():
-            variables.setdefault((sequence_number, revision), []).append(_variable(
+                small + "SELECT t.sequence_number, t.revision, t.variable_name, t.codec, t.type_name, "
+                "t.content_digest, t.size_bytes " + in_small.format(table="step_variables")
+                + " ORDER BY t.sequence_number, t.variable_name", parameters).fetchall():
+            variables[(sequence_number, revision)].append(_variable(
                 name, codec, kind, chunks.get((sequence_number, revision, name), []), digest, size))
         return _Snapshot(None, tuple(history), outputs, variables)
 
@@ -420,25 +435,21 @@ class StepStore:
                 "UPDATE steps SET superseded_at = ? WHERE workflow_id = ? AND "
                 "sequence_number >= ? AND superseded_at IS NULL",
                 [utc_now(), workflow_id, supersede_from])
-        live = connection.execute(
-            "SELECT revision, status FROM steps WHERE workflow_id = ? AND sequence_number = ? "
-            "AND superseded_at IS NULL", [workflow_id, sequence_number]).fetchall()
+        rows = connection.execute(
+            "SELECT revision, status, step_name, superseded_at IS NULL FROM steps "
+            "WHERE workflow_id = ? AND sequence_number = ?", [workflow_id, sequence_number]).fetchall()
+        live = [(revision, status) for revision, status, _, is_live in rows if is_live]
+        revision = max((row[0] for row in rows), default=0) + 1
         # A failure never displaces a completed result: it is kept beside it, out of the
         # history, so that undoing the change that failed replays the result again. Only
-        # the latest such failure of a step is kept (retries would pile them up).
+        # the latest such failure of a step is kept (retries would pile them up); the
+        # attempts' errors live on in the new record's attempt_errors.
         failure_aside = record.status == FAILED and any(status == COMPLETED for _, status in live)
-        for (revision,) in connection.execute(
-                "SELECT revision FROM steps WHERE workflow_id = ? AND sequence_number = ? AND "
-                "step_name = ? AND status = 'failed' AND superseded_at IS NOT NULL",
-                [workflow_id, sequence_number, record.step_name]).fetchall():
-            # The attempts' errors live on in the new record's attempt_errors.
-            self._delete_revision_txn(connection, workflow_id, sequence_number, revision)
-        if not failure_aside:
-            for revision, _ in live:
-                self._delete_revision_txn(connection, workflow_id, sequence_number, revision)
-        (revision,) = connection.execute(
-            "SELECT coalesce(max(revision), 0) + 1 FROM steps WHERE workflow_id = ? AND "
-            "sequence_number = ?", [workflow_id, sequence_number]).fetchone() or (1,)
+        doomed = [old for old, status, name, is_live in rows
+                  if (not is_live and status == FAILED and name == record.step_name)
+                  or (is_live and not failure_aside)]
+        if doomed:
+            self._delete_revisions_txn(connection, workflow_id, sequence_number, doomed)
         stored = replace(record, revision=revision,
                          state_bytes=sum(size for _, _, size, _, _ in chunk_rows),
                          superseded_at=utc_now() if failure_aside else None)
@@ -453,29 +464,23 @@ class StepStore:
              json.dumps(stored.unrestorable), json.dumps(stored.inputs), stored.attempts,
              json.dumps(stored.attempt_errors), stored.cell_id, stored.superseded_at])
         key = [workflow_id, sequence_number, revision]
-        if outputs:
-            connection.executemany(
-                "INSERT INTO step_outputs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [key + [index, item.output["output_type"], json.dumps(item.output),
-                        json.dumps(item.transient) if item.transient else None]
-                 for index, item in enumerate(outputs)])
-        if variables:
-            connection.executemany(
-                "INSERT INTO step_variables (workflow_id, sequence_number, revision, variable_name, "
-                "codec, type_name, size_bytes, content_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [key + [variable.name, variable.codec, variable.type_name, variable.size_bytes,
-                        variable.content_digest] for variable in variables])
-        if chunk_rows:
-            connection.executemany("INSERT INTO variable_chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                   [key + list(row) for row in chunk_rows])
+        _insert_rows(connection, "step_outputs", _OUTPUT_COLUMNS, [
+            key + [index, item.output["output_type"], json.dumps(item.output),
+                   json.dumps(item.transient) if item.transient else None]
+            for index, item in enumerate(outputs)])
+        _insert_rows(connection, "step_variables", _VARIABLE_COLUMNS, [
+            key + [variable.name, variable.codec, variable.type_name, variable.size_bytes,
+                   variable.content_digest] for variable in variables])
+        _insert_rows(connection, "variable_chunks", _CHUNK_COLUMNS,
+                     [key + list(row) for row in chunk_rows])
         return stored
 
     @staticmethod
-    def _delete_revision_txn(connection: Connection, workflow_id: str, sequence_number: int,
-                             revision: int) -> None:
+    def _delete_revisions_txn(connection: Connection, workflow_id: str, sequence_number: int,
+                              revisions: list[int]) -> None:
         for table in ("variable_chunks", "step_variables", "step_outputs", "steps"):
             connection.execute(f"DELETE FROM {table} WHERE workflow_id = ? AND sequence_number = ? "
-                               "AND revision = ?", [workflow_id, sequence_number, revision])
+                               "AND list_contains(?, revision)", [workflow_id, sequence_number, revisions])
 
     @staticmethod
     def _delete_txn(connection: Connection, workflow_id: str, from_sequence_number: int) -> int:
@@ -540,8 +545,60 @@ class StepStore:
 class _Snapshot:
     token: Any
     history: tuple[StepRecord, ...]
+    # Of completed steps small enough to keep (SNAPSHOT_STEP_BYTES); larger ones are read
+    # when they replay.
     outputs: dict[tuple[int, int], list[StoredOutput]]
     variables: dict[tuple[int, int], list[StoredVariable]]
+
+    def after_commit(self, stored: StepRecord, outputs: Sequence[StoredOutput],
+                     variables: list[StoredVariable], supersede_from: int | None,
+                     stale_after: int | None) -> _Snapshot:
+        """The snapshot once `record_step` committed `stored`: the same rules as
+        `_record_step_txn` applies in SQL, applied to the history in memory (a test checks
+        the two agree on random sequences of commits)."""
+        history = list(self.history)
+        if stale_after is not None:
+            history = [replace(step, status=STALE) if step.sequence_number > stale_after else step
+                       for step in history]
+        if supersede_from is not None:
+            history = [step for step in history if step.sequence_number < supersede_from]
+        failure_aside = stored.superseded_at is not None
+        if not failure_aside:
+            history = sorted([step for step in history
+                              if step.sequence_number != stored.sequence_number] + [stored],
+                             key=lambda step: step.sequence_number)
+        live = {(step.sequence_number, step.revision) for step in history
+                if step.status == COMPLETED}
+        kept_outputs = {key: value for key, value in self.outputs.items() if key in live}
+        kept_variables = {key: value for key, value in self.variables.items() if key in live}
+        key = (stored.sequence_number, stored.revision)
+        if key in live and _step_bytes(outputs, variables) <= SNAPSHOT_STEP_BYTES:
+            kept_outputs[key] = list(outputs)
+            kept_variables[key] = variables
+        return _Snapshot(self.token, tuple(history), kept_outputs, kept_variables)
+
+
+# A completed step whose outputs and inline values take more than this is not kept in the
+# snapshot: it is read when it replays, so a long workflow does not hold every output.
+SNAPSHOT_STEP_BYTES = 64 * 1024
+
+
+def _step_bytes(outputs: Sequence[StoredOutput], variables: Sequence[StoredVariable]) -> int:
+    return sum(len(json.dumps(item.output)) for item in outputs) + sum(
+        memoryview(chunk).nbytes for variable in variables for chunk in variable.chunks
+        if not isinstance(chunk, BlobReference))
+
+
+def _placed_variables(variables: Sequence[StoredVariable],
+                      chunk_rows: list[tuple[str, int, int, bytes | None, str | None]]
+                      ) -> list[StoredVariable]:
+    """The variables as a read gives them back: chunks inline, or payload file references."""
+    placed: dict[str, list[StoredChunk]] = {}
+    for name, _, size, inline, blob in chunk_rows:
+        placed.setdefault(name, []).append(inline if blob is None else BlobReference(blob, size))
+    return sorted((replace(variable, chunks=tuple(placed.get(variable.name, ())),
+                           stored_size=variable.size_bytes if not variable.chunks else None)
+                   for variable in variables), key=lambda variable: variable.name)
 
 
 def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
@@ -557,6 +614,25 @@ def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
         else:
             chunks.append(bytearray(chunk) if index else chunk)
     return chunks
+
+
+_OUTPUT_COLUMNS = ("workflow_id", "sequence_number", "revision", "output_index", "output_type",
+                   "output_json", "transient_json")
+_VARIABLE_COLUMNS = ("workflow_id", "sequence_number", "revision", "variable_name", "codec",
+                     "type_name", "size_bytes", "content_digest")
+_CHUNK_COLUMNS = ("workflow_id", "sequence_number", "revision", "variable_name", "chunk_index",
+                  "size_bytes", "data", "blob_sha256")
+
+
+def _insert_rows(connection: Connection, table: str, columns: tuple[str, ...],
+                 rows: list[list[Any]]) -> None:
+    """One INSERT for all rows, naming its columns (a migration cannot misalign them);
+    DuckDB's executemany runs a statement per row."""
+    if not rows:
+        return
+    row = "(" + ", ".join("?" * len(columns)) + ")"
+    connection.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                       + ", ".join([row] * len(rows)), [value for item in rows for value in item])
 
 
 def _variable(name: str, codec: str, type_name: str, chunks: list[StoredChunk],

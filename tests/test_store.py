@@ -15,8 +15,10 @@ from typing import Any, Iterator
 
 import cloudpickle
 import duckdb
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from durable_nb import Workflow
 from durable_nb.errors import (StepNotRecordedError, StoreCorruptError, StoreLockedError,
@@ -46,8 +48,12 @@ def record(sequence_number: int, name: str, status: str = "completed") -> StepRe
 def lock_held_by_another_process(path: Path, release_after: float | None = None) -> Iterator[int]:
     """A real second process holding the store open (DuckDB's file lock); yields its pid."""
     release = f"time.sleep({release_after}); c.close(); " if release_after is not None else ""
+    # It waits its turn: a kernel keeps its connection a moment after a step.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+        [sys.executable, "-c", "import duckdb, sys, time\ndeadline = time.monotonic() + 5\n"
+         "while True:\n    try:\n        c = duckdb.connect(sys.argv[1])\n        break\n"
+         "    except duckdb.IOException:\n        if time.monotonic() > deadline:\n"
+         "            raise\n        time.sleep(0.02)\n"
          f"print('locked', flush=True); {release}time.sleep(60)", str(path)],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -251,3 +257,38 @@ def test_gc_spares_a_payload_file_that_a_new_record_reuses(tmp_path: Path) -> No
     store.delete_steps("wf")
     store.record_step(record(1, "again"), [], [encode("a", np.ones(1000))])  # type: ignore[list-item]
     assert store.gc() == 0 and os.path.exists(store.blob_path(name))
+
+
+commits = st.lists(st.tuples(
+    st.integers(1, 4),                                   # position
+    st.sampled_from(["a", "b", "c"]),                    # step name
+    st.sampled_from(["completed", "completed", "failed"]),
+    st.one_of(st.none(), st.integers(1, 4)),             # supersede_from
+    st.one_of(st.none(), st.integers(0, 4)),             # stale_after
+    st.integers(0, 2)), min_size=1, max_size=12)         # outputs
+
+
+@given(commits)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_the_history_kept_in_memory_after_commits_equals_a_fresh_read(
+        tmp_path_factory: pytest.TempPathFactory,
+        sequence: list[tuple[int, str, str, int | None, int | None, int]]) -> None:
+    path = tmp_path_factory.mktemp("commits") / "s.duckdb"
+    store = StepStore(path, linger_seconds=5)
+    store.live_steps("wf")  # a snapshot to bring up to date, commit after commit
+    try:
+        for position, name, status, supersede_from, stale_after, output_count in sequence:
+            outputs = [StoredOutput({"output_type": "stream", "name": "stdout", "text": f"{name}{i}\n"})
+                       for i in range(output_count)]
+            store.record_step(record(position, name, status), outputs, [encode("v", [position])],
+                              supersede_from=supersede_from, stale_after=stale_after)
+            kept = store.live_steps("wf")
+            fresh = StepStore(path).live_steps("wf")
+            assert kept == fresh
+            for step in fresh:
+                if step.status == "completed":
+                    kept_outputs, kept_variables = store.read_step(step)
+                    fresh_outputs, fresh_variables = StepStore(path).read_step(step)
+                    assert kept_outputs == fresh_outputs and kept_variables == fresh_variables
+    finally:
+        store.database.release()
