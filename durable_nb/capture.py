@@ -22,6 +22,7 @@ from typing import Any, Iterator, TextIO
 
 from .store import StoredOutput
 
+
 def notebook_data(data: dict[str, Any]) -> dict[str, Any]:
     """A MIME bundle as a notebook stores it: IPython's formatters hand over raw bytes for
     images (PIL, `_repr_png_`), which the kernel base64-encodes only when it sends them."""
@@ -58,7 +59,7 @@ SETTLE_WRITES = 512
 class StreamText:
     """The text of one stream output, written piece by piece, read once at the end.
 
-    Appending a piece is a list append. Every `SETTLE_WRITES` pieces are joined into a
+    A write appends a piece to `pieces`; every `SETTLE_WRITES` pieces are joined into a
     block: its complete lines are collapsed and kept, its unfinished last line is kept
     open. Collapsing works line by line, and collapsing the open line early gives what
     collapsing it whole would (a carriage return followed by more of the line drops what
@@ -66,38 +67,32 @@ class StreamText:
     overwritten states are dropped as it runs instead of being held to the end.
     """
 
-    __slots__ = ("name", "_pieces", "_lines", "_open_line", "_settling")
+    __slots__ = ("name", "pieces", "_lines", "_open_line", "_settling")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._pieces: list[str] = []
+        self.pieces: list[str] = []  # appended to by the writer; settle() when long
         self._lines: list[str] = []  # complete lines, collapsed, in blocks
         self._open_line: list[str] = []  # the unfinished last line, in parts
         self._settling = threading.Lock()
 
-    def append(self, text: str) -> None:
-        pieces = self._pieces
-        pieces.append(text)
-        if len(pieces) >= SETTLE_WRITES:
-            self._settle()
-
     def text(self) -> str:
-        self._settle()
+        self.settle()
         with self._settling:
             if len(self._lines) > 1:  # kept joined: a second read copies nothing again
                 self._lines = ["".join(self._lines)]
             lines = self._lines[0] if self._lines else ""
             return lines + "".join(self._open_line) if self._open_line else lines
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
         # Other threads may append meanwhile (appends go to the end, after the pieces
         # taken here), and only one thread settles at a time.
         with self._settling:
-            count = len(self._pieces)
+            count = len(self.pieces)
             if not count:
                 return
-            block = "".join(self._pieces[:count])
-            del self._pieces[:count]
+            block = "".join(self.pieces[:count])
+            del self.pieces[:count]
             end_of_lines = block.rfind("\n") + 1
             if end_of_lines:
                 self._open_line.append(block[:end_of_lines])
@@ -154,7 +149,11 @@ class OutputRecorder:
         stream = None if self._clear_pending else self._streams.get(name)
         if stream is None:
             stream = self._open_stream(name)
-        stream.append(text)
+        # Inlined (no StreamText.append): this runs for every write the body makes.
+        pieces = stream.pieces
+        pieces.append(text)
+        if len(pieces) >= SETTLE_WRITES:
+            stream.settle()
 
     def display(self, data: dict[str, Any], metadata: dict[str, Any] | None,
                 transient: dict[str, Any] | None, update: bool) -> None:

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import duckdb
 
@@ -121,6 +121,8 @@ class Database:
         self._thread_lock = threading.RLock()
         self._lingering: Connection | None = None
         self._last_use = 0.0
+        # Called as listener(old file_state, new file_state) after a checkpoint on close.
+        self.checkpoint_listeners: list[Callable[[Any, Any], None]] = []
         self._release_timer: threading.Timer | None = None
 
     def __repr__(self) -> str:
@@ -161,14 +163,32 @@ class Database:
                     self._last_use = time.monotonic()
                     self._schedule_release()
                 else:
-                    connection.close()
+                    self._close(connection)
 
     def release(self) -> None:
         """Close a lingering connection now (releasing the file lock)."""
         with self._thread_lock:
             connection, self._lingering = self._lingering, None
             if connection is not None:
-                connection.close()
+                self._close(connection)
+
+    def _close(self, connection: Connection) -> None:
+        """Fold the WAL into the database file, then close: at rest, the file (and the
+        payload folder) is the whole store, so copying it loses nothing. Callers that
+        cached what they read under the old `file_state` are told the new one: a
+        checkpoint moves bytes, it changes no record."""
+        wal = self.path + ".wal"
+        try:
+            if os.path.exists(wal) and os.path.getsize(wal) > 0:
+                before = self.file_state()
+                connection.execute("CHECKPOINT")
+                after = self.file_state()
+                for listener in self.checkpoint_listeners:
+                    listener(before, after)
+        except (duckdb.Error, OSError) as exc:  # a read-only store: its WAL stays
+            log.debug("Could not fold the WAL of %s into it: %s", self.path, exc)
+        finally:
+            connection.close()
 
     def _schedule_release(self) -> None:
         if self._release_timer is not None and self._release_timer.is_alive():

@@ -144,6 +144,7 @@ class StepStore:
         self.database = Database(path, lock_timeout=lock_timeout, linger_seconds=linger_seconds)
         self.inline_limit = inline_limit
         self._snapshots: dict[str, _Snapshot] = {}
+        self.database.checkpoint_listeners.append(self._after_checkpoint)
 
     @property
     def path(self) -> str:
@@ -206,6 +207,13 @@ class StepStore:
         if after == token or token[0] is None:
             self._snapshots[workflow_id] = replace(snapshot, token=after)
         return snapshot
+
+    def _after_checkpoint(self, before: Any, after: Any) -> None:
+        """The WAL was folded into the file while we held the lock: what we read under the
+        old file state still holds under the new one."""
+        self._snapshots = {workflow_id: replace(snapshot, token=after)
+                           if snapshot.token == before else snapshot
+                           for workflow_id, snapshot in self._snapshots.items()}
 
     # -- writing -----------------------------------------------------------------------
 
