@@ -293,6 +293,7 @@ class DurableExecutor:
                 namespace, load_chunks(self.store, stream),
                 lambda changes: problems.extend(ambient.apply(changes)))
             apply_state(namespace, decoded, deleted)
+            self.host.after_replay()
         except Exception as exc:
             raise RestoreError(record.step_name, None, f"{type(exc).__name__}: {exc}") from exc
         digests: dict[str, str] = {}

@@ -8,12 +8,15 @@ executor run (and be tested) without IPython.
 from __future__ import annotations
 
 import linecache
+import logging
 import sys
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Protocol
 
 from .capture import OutputRecorder, recording
 from .state import is_ipython_internal
+
+log = logging.getLogger(__name__)
 
 
 class Host(Protocol):
@@ -26,6 +29,7 @@ class Host(Protocol):
     def recording(self) -> AbstractContextManager[OutputRecorder]: ...
     def format_result(self, value: Any) -> tuple[dict[str, Any], dict[str, Any]]: ...
     def after_body(self) -> None: ...
+    def after_replay(self) -> None: ...
     def publish_display(self, data: dict[str, Any], metadata: dict[str, Any],
                         transient: dict[str, Any] | None) -> None: ...
     def notebook_path(self) -> str | None: ...
@@ -62,6 +66,7 @@ class IPythonHost:
         shell.events.register("post_run_cell", self._post_run_cell)
 
     def close(self) -> None:
+        self._forget_formatted()
         for event, handler in (("pre_run_cell", self._pre_run_cell),
                                ("post_run_cell", self._post_run_cell)):
             try:
@@ -78,6 +83,7 @@ class IPythonHost:
                 callback(text)
 
     def _post_run_cell(self, result: Any) -> None:
+        self._forget_formatted()
         text = getattr(result.info, "raw_cell", "") or ""
         if text.lstrip().startswith("%%durable_step"):
             return
@@ -111,8 +117,25 @@ class IPythonHost:
         return recording(self.shell.display_pub)
 
     def format_result(self, value: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        data, metadata = self.shell.display_formatter.format(value)
+        formatter = self.shell.display_formatter
+        data, metadata = formatter.format(value)
+        # The display hook formats the cell's result again once the magic returns; give it
+        # this very bundle, so what is shown is what was recorded (formatting can differ
+        # each time: scikit-learn numbers its HTML ids from a process-wide counter).
+        original = formatter.format
+
+        def format_once(obj: Any, include: Any = None, exclude: Any = None) -> Any:
+            self._forget_formatted()
+            if obj is value and include is None and exclude is None:
+                return data, metadata
+            return original(obj, include=include, exclude=exclude)
+
+        formatter.format = format_once
         return data, metadata
+
+    def _forget_formatted(self) -> None:
+        # Only the instance attribute set above goes; the class's method shows through.
+        self.shell.display_formatter.__dict__.pop("format", None)
 
     def after_body(self) -> None:
         # The inline matplotlib backend shows a cell's figures in a post_execute hook, after
@@ -120,6 +143,18 @@ class IPythonHost:
         backend_inline = sys.modules.get("matplotlib_inline.backend_inline")
         if backend_inline is not None and "inline" in str(_matplotlib_backend()):
             backend_inline.flush_figures()
+
+    def after_replay(self) -> None:
+        # A figure restored from the store was not made through pyplot, so pyplot may not
+        # have loaded its backend yet: the inline backend registers the figure's PNG
+        # formatter when it loads, and a later `fig` would show as text only.
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        load_backend = getattr(pyplot, "_get_backend_mod", None)
+        if load_backend is not None:
+            try:
+                load_backend()
+            except Exception as exc:  # noqa: BLE001 - a display nicety, never a failed replay
+                log.debug("Could not load matplotlib's backend after a replay: %s", exc)
 
     def publish_display(self, data: dict[str, Any], metadata: dict[str, Any],
                         transient: dict[str, Any] | None) -> None:
@@ -154,6 +189,9 @@ class PlainHost:
         return {"text/plain": repr(value)}, {}
 
     def after_body(self) -> None:
+        return None
+
+    def after_replay(self) -> None:
         return None
 
     def publish_display(self, data: dict[str, Any], metadata: dict[str, Any],

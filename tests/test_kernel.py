@@ -455,3 +455,37 @@ def test_step_output_streams_live_while_the_step_runs(tmp_path: Path) -> None:
     first_seen = next(seconds for text, seconds in arrivals if "first" in text)
     # 'first' reaches the front end while the step is still sleeping, not when it ends.
     assert first_seen < result.seconds - 1.0, arrivals
+
+
+def test_a_steps_result_is_formatted_once_so_the_record_is_what_was_shown(tmp_path: Path) -> None:
+    # scikit-learn numbers its HTML ids from a process-wide counter: formatting twice would
+    # show one bundle and record another.
+    with notebook_kernel(tmp_path / "once") as kernel:
+        kernel.start()
+        run_ok(kernel, "%load_ext durable_nb\n%durable_workflow once\n"
+                       "class Numbered:\n    shown = 0\n    def _repr_html_(self):\n"
+                       "        Numbered.shown += 1\n        return f'<b>{Numbered.shown}</b>'")
+        shown = run_ok(kernel, "%%durable_step show\nNumbered()")
+        [result] = [output for output in shown.outputs if output.output_type == "execute_result"]
+        assert result.data["text/html"] == "<b>1</b>"
+        assert run_ok(kernel, "print(Numbered.shown)").stream_text() == "1\n"
+    store = StepStore(tmp_path / "once" / "store.duckdb")
+    [record] = store.live_steps("once")
+    outputs, _ = store.read_step(record)
+    assert outputs[-1].output["data"]["text/html"] == "<b>1</b>"
+
+
+def test_a_figure_restored_by_a_replay_shows_as_an_image_in_a_later_step(tmp_path: Path) -> None:
+    cells = ["%load_ext durable_nb\n%durable_workflow figures",
+             "%%durable_step make\nimport matplotlib.pyplot as plt\n"
+             "fig, ax = plt.subplots(figsize=(2, 2))\nax.plot([1, 2]);"]
+    with notebook_kernel(tmp_path / "figures") as kernel:
+        kernel.start()
+        for cell in cells:
+            run_ok(kernel, cell)
+        kernel.restart()
+        for cell in cells:
+            run_ok(kernel, cell)
+        shown = run_ok(kernel, "%%durable_step show\nfig")
+        [result] = [output for output in shown.outputs if output.output_type == "execute_result"]
+        assert "image/png" in result.data
