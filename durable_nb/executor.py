@@ -238,6 +238,12 @@ class DurableExecutor:
             self._known_digests.remember(name, value, digests[name], size_bytes)
         return digests
 
+    def known_digest(self, name: str, value: Any) -> str | None:
+        """The digest the executor counts `value` (bound to `name`) by without hashing it: a
+        value a replay restored, or a large one a step produced, while no plain cell could
+        have changed it. None when it would hash it afresh."""
+        return self._known_digests.get(name, value) if self._trust_known_digests else None
+
     def _commit_pending(self) -> None:
         """Commit a step that ran while the store was locked, before any other step runs."""
         pending = self._pending

@@ -53,6 +53,7 @@ def sized_digest(value: Any) -> tuple[str, int]:
       (`{id(node): node}`) counts by its values;
     - a numpy array counts by dtype, shape and contents (not memory layout), its memory
       hashed in place, never copied into the pickle; a masked array by data, mask and fill;
+      a pandas frame or series by its labels, dtypes and pandas' hash of its rows;
     - which equal parts are one object does not count (a restored copy shares strings and
       dtypes differently): the pickle is written without its memo, except for a value with
       a cycle, where only strings are written in full.
@@ -161,8 +162,10 @@ def _reduce_notebook_code(obj: Any) -> Any:
 
 def _reduce_array(obj: Any, numpy: Any) -> Any:
     if type(obj) is numpy.ndarray:
-        data = obj.ravel().tolist() if obj.dtype.hasobject \
-            else pickle.PickleBuffer(numpy.ascontiguousarray(obj))
+        contiguous = numpy.ascontiguousarray(obj)
+        if obj.dtype.kind in "mM":  # datetimes cannot be a buffer; their int64 view can
+            contiguous = contiguous.view(numpy.int64)
+        data = obj.ravel().tolist() if obj.dtype.hasobject else pickle.PickleBuffer(contiguous)
         return _stand_in, ("ndarray", obj.dtype, obj.shape, data)
     masked = numpy.ma
     # Read the fill value without filling it in: the `fill_value` property would change
@@ -170,6 +173,38 @@ def _reduce_array(obj: Any, numpy: Any) -> Any:
     fill = obj._fill_value if obj._fill_value is not None else masked.default_fill_value(obj)
     return _stand_in, ("masked array", type(obj), masked.getdata(obj), masked.getmaskarray(obj),
                        numpy.asarray(fill).tolist())
+
+
+def _reduce_pandas(obj: Any, pandas: Any) -> Any:
+    """A frame or series by what it holds: labels, dtypes and values, not by its pickle,
+    which carries internal caches and block layout that differ between a frame and its
+    copy. Numeric and datetime columns are hashed in place; others through pandas' own
+    per-row hash (`hash_pandas_object`)."""
+    try:
+        index = _pandas_values(obj.index, pandas)
+        if isinstance(obj, pandas.DataFrame):
+            labels: tuple[Any, ...] = ("DataFrame", list(obj.columns), list(obj.columns.names))
+            columns = [_pandas_values(column, pandas) for _, column in obj.items()]
+        else:
+            labels = ("Series", obj.name)
+            columns = [_pandas_values(obj, pandas)]
+    except (TypeError, ValueError):  # unhashable cells (lists, dicts): digest the pickle
+        return None
+    return _stand_in, (labels, list(obj.index.names), index, columns, dict(obj.attrs))
+
+
+def _pandas_values(values: Any, pandas: Any) -> tuple[Any, ...]:
+    if isinstance(values, pandas.RangeIndex):
+        return ("range", values.start, values.stop, values.step)
+    numpy = sys.modules["numpy"]
+    dtype = values.dtype
+    if isinstance(dtype, numpy.dtype) and dtype.kind not in "OV":
+        array = numpy.ascontiguousarray(values.to_numpy())
+        if dtype.kind in "mM":  # datetimes cannot be a buffer; their int64 view can
+            array = array.view(numpy.int64)
+        return (str(dtype), type(values).__name__, pickle.PickleBuffer(array))
+    rows = pandas.util.hash_pandas_object(values, index=False).to_numpy()
+    return (str(dtype), type(values).__name__, pickle.PickleBuffer(numpy.ascontiguousarray(rows)))
 
 
 class _DigestPickler(cloudpickle.Pickler):
@@ -182,6 +217,11 @@ class _DigestPickler(cloudpickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
             return _reduce_notebook_code(obj)
+        pandas = sys.modules.get("pandas")
+        if pandas is not None and type(obj) in (pandas.DataFrame, pandas.Series):
+            reduced = _reduce_pandas(obj, pandas)
+            if reduced is not None:
+                return reduced
         cbook = sys.modules.get("matplotlib.cbook")
         if cbook is not None and type(obj) is cbook.CallbackRegistry:
             # Event callbacks are not the artist's value, and pickling the registry advances

@@ -108,3 +108,25 @@ def test_digesting_a_matplotlib_artist_does_not_change_its_digest() -> None:
         assert value_digest(bars) == value_digest(bars)
     finally:
         plt.close(figure)
+
+
+def test_datetimes_are_digested_by_content_and_unit() -> None:
+    frame = pd.DataFrame({"day": pd.date_range("2024-01-01", periods=3), "units": [1, 2, 3]})
+    assert not is_opaque(value_digest(frame))
+    assert value_digest(frame) == value_digest(pickle.loads(cloudpickle.dumps(frame)))
+    days = np.array(["2024-01-01"], dtype="M8[D]")
+    assert value_digest(days) != value_digest(days.astype("M8[s]"))
+
+
+def test_a_frame_digests_as_its_copy_and_its_restored_copy_and_sees_each_change() -> None:
+    frame = pd.DataFrame({"day": pd.date_range("2024-01-01", periods=3), "units": [1, 2, 3],
+                          "city": ["Lyon", "Lille", "Nice"]}).set_index("day")
+    same = {value_digest(frame), value_digest(frame.copy()),
+            value_digest(pickle.loads(cloudpickle.dumps(frame)))}
+    assert len(same) == 1
+    changed = [frame.copy() for _ in range(4)]
+    changed[0].loc[changed[0].index[1], "units"] = 5
+    changed[1].loc[changed[1].index[1], "city"] = "Metz"
+    changed[2] = changed[2].rename(columns={"units": "count"})
+    changed[3].index = changed[3].index + pd.Timedelta(days=1)
+    assert len({value_digest(other) for other in changed} | same) == 5

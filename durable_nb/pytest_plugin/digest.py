@@ -50,8 +50,32 @@ def describe(value: Any) -> dict[str, Any]:
 
 
 def describe_variables(namespace: Mapping[str, Any], names: Iterable[str]) -> str:
-    """JSON {name: {type, summary, digest, parts}} for each name; an undefined name says so."""
-    described = {name: describe(namespace[name]) if name in namespace
-                 else {"type": MISSING, "summary": MISSING, "digest": MISSING, "parts": {}}
-                 for name in names}
+    """JSON {name: {type, summary, digest, parts}} for each name; an undefined name says so.
+
+    A value durable_nb knows the digest of (a value a replay restored, unchanged since) is
+    described by that digest, the one it decides replays by: some objects pickle differently
+    once restored (scikit-learn's dataset Bunch drops an empty attribute, a matplotlib figure
+    loses its canvas), and the check would otherwise report them on every replay.
+    """
+    executor = _executor()
+    described = {}
+    for name in names:
+        if name not in namespace:
+            described[name] = {"type": MISSING, "summary": MISSING, "digest": MISSING, "parts": {}}
+            continue
+        described[name] = describe(namespace[name])
+        known = executor.known_digest(name, namespace[name]) if executor is not None else None
+        if known is not None:
+            described[name] = {**described[name], "parts": {},
+                               "digest": f"unpicklable ({known})" if is_opaque(known) else known}
     return json.dumps(described)
+
+
+def _executor() -> Any:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    shell = get_ipython()
+    magics = shell.magics_manager.registry.get("DurableMagics") if shell is not None else None
+    return getattr(magics, "executor", None)
