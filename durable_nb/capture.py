@@ -4,10 +4,10 @@
 prints and displays; a ten-minute step must show its progress as it goes. So the streams
 and the display publisher are wrapped with recorders that forward every call at once.
 
-Stream text is kept as nbclient stores it (`NotebookClient(coalesce_streams=True)`, which
-nbval does too): the writes of one stream between two displays become one output, stdout
-before stderr, and a carriage return drops what it would overwrite. Writes are appended to
-a list and settled in blocks, so recording costs time and memory linear in what is printed.
+Stream text is kept as nbclient stores it with `coalesce_streams=True`: the writes of one
+stream between two displays become one output, stdout before stderr, and a carriage return
+drops what it would overwrite. Writes are appended to a list and settled in blocks, so
+recording costs time and memory linear in what is printed.
 """
 
 from __future__ import annotations
@@ -71,10 +71,17 @@ class StreamText:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.pieces: list[str] = []  # appended to by the writer; settle() when long
+        self.pieces: list[str] = []  # written, not yet settled
         self._lines: list[str] = []  # complete lines, collapsed, in blocks
         self._open_line: list[str] = []  # the unfinished last line, in parts
         self._settling = threading.Lock()
+
+    def append(self, text: str) -> None:
+        # _RecordingStream.write has a copy of these lines: it runs for every write.
+        pieces = self.pieces
+        pieces.append(text)
+        if len(pieces) >= SETTLE_WRITES:
+            self.settle()
 
     def text(self) -> str:
         self.settle()
@@ -110,8 +117,8 @@ class StreamText:
 class OutputRecorder:
     """The outputs a notebook would hold for the cell, built as the cell shows them.
 
-    `outputs` is computed when read (the executor reads it once, after the body): streams
-    are joined then, not on every write.
+    `outputs` is computed when read (the executor reads it once, after the body): each
+    stream's text is joined into one string then, not on every write.
     """
 
     def __init__(self) -> None:
@@ -122,12 +129,12 @@ class OutputRecorder:
         # so no front end sees their order in between).
         self._streams: dict[str, StreamText] = {}
         self._clear_pending = False
-        # The body's threads may show things too (a progress monitor, a logger). A write to
-        # a stream already open takes no lock: that is every write but the first.
+        # The body's threads may show things too (a progress monitor, a logger). Writes to
+        # a stream output already open take no lock, and skip the recorder: the writers
+        # append to it until a display, a clear or a pause closes it.
         self._lock = threading.Lock()
-        # Set while a display publisher prints its text/plain fallback to stdout (the
-        # terminal shell does): that text is the display, not a second output.
-        self.suspended = 0
+        self._writers: list[_RecordingStream] = []
+        self._paused = 0
 
     @property
     def outputs(self) -> list[StoredOutput]:
@@ -143,17 +150,39 @@ class OutputRecorder:
                 outputs.insert(index, outputs.pop(index + 1))
         return outputs
 
-    def stream(self, name: str, text: str) -> None:
-        if not text or self.suspended:
+    def writer(self, original: TextIO, name: str) -> _RecordingStream:
+        """A stream that forwards to `original` and records what is written as `name`."""
+        writer = _RecordingStream(original, name, self)
+        self._writers.append(writer)
+        return writer
+
+    def stream(self, name: str, text: str, writer: _RecordingStream | None = None) -> None:
+        """Record a write to stream `name`; `writer` appends its next writes to the same
+        output directly, until the recorder detaches it."""
+        if not text or self._paused:
             return
-        stream = None if self._clear_pending else self._streams.get(name)
-        if stream is None:
-            stream = self._open_stream(name)
-        # Inlined (no StreamText.append): this runs for every write the body makes.
-        pieces = stream.pieces
-        pieces.append(text)
-        if len(pieces) >= SETTLE_WRITES:
-            stream.settle()
+        with self._lock:
+            self._before_output()
+            stream = self._streams.get(name)
+            if stream is None:
+                stream = self._streams[name] = StreamText(name)
+                self._items.append(stream)
+            if writer is not None:
+                writer.joining = stream
+        stream.append(text)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record no writes meanwhile: a display publisher that prints its text/plain
+        fallback to stdout (the terminal shell does) shows the display, not a second output."""
+        with self._lock:
+            self._paused += 1
+            self._detach_writers()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._paused -= 1
 
     def display(self, data: dict[str, Any], metadata: dict[str, Any] | None,
                 transient: dict[str, Any] | None, update: bool) -> None:
@@ -180,22 +209,14 @@ class OutputRecorder:
         with self._lock:
             if wait:
                 self._clear_pending = True
+                self._detach_writers()  # so that the next write clears
             else:
                 self._clear()
-
-    def _open_stream(self, name: str) -> StreamText:
-        with self._lock:
-            self._before_output()
-            stream = self._streams.get(name)
-            if stream is None:
-                stream = self._streams[name] = StreamText(name)
-                self._items.append(stream)
-            return stream
 
     def _append(self, output: StoredOutput) -> None:
         self._before_output()
         self._items.append(output)
-        self._streams = {}
+        self._close_streams()
 
     def _before_output(self) -> None:
         if self._clear_pending:
@@ -204,7 +225,17 @@ class OutputRecorder:
 
     def _clear(self) -> None:
         self._items = []
+        self._close_streams()
+
+    def _close_streams(self) -> None:
+        """The next write to a stream starts a new output."""
         self._streams = {}
+        self._detach_writers()
+
+    def _detach_writers(self) -> None:
+        """The next write to a stream goes through `stream()`."""
+        for writer in self._writers:
+            writer.joining = None
 
 
 def _is_stream(item: StoredOutput, name: str) -> bool:
@@ -218,11 +249,23 @@ class _RecordingStream:
         self._original = original
         self._name = name
         self._recorder = recorder
+        self.joining: StreamText | None = None  # the output writes join; the recorder resets it
 
     def write(self, text: str) -> int:
         # Forwarded first: what the stream refuses (bytes, a closed stream) is not recorded.
         written = self._original.write(text)
-        self._recorder.stream(self._name, text)
+        if not text:
+            return written  # type: ignore[no-any-return]
+        joining = self.joining
+        if joining is None:
+            self._recorder.stream(self._name, text, self)
+        else:
+            # StreamText.append, inlined: a loop printing a million lines comes through here
+            # four million times, and a call more is ~10% on the cell's time.
+            pieces = joining.pieces
+            pieces.append(text)
+            if len(pieces) >= SETTLE_WRITES:
+                joining.settle()
         return written  # type: ignore[no-any-return]
 
     def writelines(self, lines: Any) -> None:
@@ -238,8 +281,8 @@ def recording(display_publisher: Any | None) -> Iterator[OutputRecorder]:
     """Record sys.stdout, sys.stderr and (if given) an IPython display publisher."""
     recorder = OutputRecorder()
     original_stdout, original_stderr = sys.stdout, sys.stderr
-    sys.stdout = _RecordingStream(original_stdout, "stdout", recorder)  # type: ignore[assignment]
-    sys.stderr = _RecordingStream(original_stderr, "stderr", recorder)  # type: ignore[assignment]
+    sys.stdout = recorder.writer(original_stdout, "stdout")  # type: ignore[assignment]
+    sys.stderr = recorder.writer(original_stderr, "stderr")  # type: ignore[assignment]
     try:
         if display_publisher is None:
             yield recorder
@@ -259,19 +302,13 @@ def _recording_displays(publisher: Any, recorder: OutputRecorder) -> Iterator[No
     def publish(data: dict[str, Any], metadata: dict[str, Any] | None = None, *args: Any,
                 **kwargs: Any) -> Any:
         recorder.display(data, metadata, kwargs.get("transient"), bool(kwargs.get("update")))
-        recorder.suspended += 1
-        try:
+        with recorder.paused():
             return original_publish(data, metadata, *args, **kwargs)
-        finally:
-            recorder.suspended -= 1
 
     def clear_output(wait: bool = False) -> Any:
         recorder.clear(wait)
-        recorder.suspended += 1
-        try:
+        with recorder.paused():
             return original_clear(wait)
-        finally:
-            recorder.suspended -= 1
 
     publisher.publish, publisher.clear_output = publish, clear_output
     try:

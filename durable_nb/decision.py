@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from .fingerprint import is_opaque
 from .store import COMPLETED, STALE, StepRecord
@@ -23,7 +23,8 @@ class Decision:
 
 
 def changed_input(recorded: Mapping[str, str], current: Mapping[str, str],
-                  own_outputs: Mapping[str, str]) -> str | None:
+                  own_outputs: Mapping[str, str],
+                  replayed: Collection[str] = ()) -> str | None:
     """Why the inputs differ from the recorded ones, or None when they match.
 
     Only names the step read when it executed matter: a name that did not exist then was
@@ -31,13 +32,17 @@ def changed_input(recorded: Mapping[str, str], current: Mapping[str, str],
     values this very step left in this session and that are still there: an interactive
     re-run of `x = x + 1` reads its own result, which counts as unchanged.
     An input that could only be fingerprinted by its type (a connection, a file handle) is
-    listed in the record but never blocks a replay.
+    listed in the record but never blocks a replay. `replayed` names values that replays
+    restored in this session and that nothing but replays touched since: they are what the
+    original run had here, whatever their digest in this process.
     """
     for name in sorted(recorded):
         if is_opaque(recorded[name]):
             continue
         if name not in current:
             return f"input {name!r} is gone"
+        if name in replayed:
+            continue
         if current[name] != recorded[name] and current[name] != own_outputs.get(name):
             return f"input {name!r} changed"
     return None
@@ -45,7 +50,8 @@ def changed_input(recorded: Mapping[str, str], current: Mapping[str, str],
 
 def decide(history: Sequence[StepRecord], step_name: str, fingerprint: str,
            inputs: Mapping[str, str], next_sequence_number: int, *, force: bool = False,
-           own_outputs: Mapping[str, str] | None = None) -> Decision:
+           own_outputs: Mapping[str, str] | None = None,
+           replayed: Collection[str] = ()) -> Decision:
     """Execute or replay, at which position, and why."""
     by_name = {record.step_name: record for record in history}
     by_position = {record.sequence_number: record for record in history}
@@ -69,7 +75,7 @@ def decide(history: Sequence[StepRecord], step_name: str, fingerprint: str,
     if existing.code_fingerprint != fingerprint:
         return Decision(position, False, "code changed", existing, invalidates_later=True,
                         diverges=True)
-    why = changed_input(existing.inputs, inputs, own_outputs or {})
+    why = changed_input(existing.inputs, inputs, own_outputs or {}, replayed)
     if why is not None:
         return Decision(position, False, why, existing, invalidates_later=True, diverges=True)
     return Decision(position, True, REPLAY_REASON, existing)

@@ -118,6 +118,8 @@ class DurableExecutor:
         self._pending: _PendingCommit | None = None
         # Step name -> {variable: (id of the object, digest)} it left behind this session.
         self._left_behind: dict[str, dict[str, tuple[int, str]]] = {}
+        # Positions that replayed in this session (see _replayed_inputs).
+        self._replayed_positions: set[int] = set()
 
     # -- configuration -----------------------------------------------------------------
 
@@ -134,6 +136,7 @@ class DurableExecutor:
         self.next_sequence_number = 1
         self._cells_by_step.clear()
         self._left_behind.clear()
+        self._replayed_positions.clear()
 
     def close(self) -> None:
         """Let go of the store (its lingering connection, and so the file lock)."""
@@ -180,6 +183,8 @@ class DurableExecutor:
         position = 1 if step_name is None else self.store.position_of(workflow_id, step_name)
         count = self.store.delete_steps(workflow_id, from_sequence_number=position)
         self.next_sequence_number = min(self.next_sequence_number, position)
+        self._replayed_positions = {number for number in self._replayed_positions
+                                    if number < position}
         log.info("Reset %d step record(s) of workflow %r%s", count, workflow_id,
                  f" from step {step_name!r} on" if step_name else "")
         self._emit(StepEvent(workflow_id, position, step_name or "", "reset", "reset"))
@@ -207,7 +212,8 @@ class DurableExecutor:
         fingerprint = code_fingerprint(transformed)
         decision = decide(self.store.live_steps(workflow_id), step_name,
                           fingerprint, inputs, self.next_sequence_number,
-                          force=options.force, own_outputs=self._still_there(step_name))
+                          force=options.force, own_outputs=self._still_there(step_name),
+                          replayed=self._replayed_inputs(workflow_id, step_name, inputs))
         self._check_unique(step_name, decision)
         if self.strict and decision.diverges and decision.record is not None:
             raise NonDeterminismError(workflow_id, decision.sequence_number,
@@ -237,6 +243,21 @@ class DurableExecutor:
             digests[name] = self._known_digests.translate(value, digest)
             self._known_digests.remember(name, value, digests[name], size_bytes)
         return digests
+
+    def _replayed_inputs(self, workflow_id: str, step_name: str, inputs: dict[str, str]) -> set[str]:
+        """Inputs that are as the original run had them here because replays restored them
+        and only replays touched them since; only while every step before this one
+        replayed in this session (otherwise the history here is not the original's)."""
+        if not self._trust_known_digests:  # a script can change values between steps unseen
+            return set()
+        history = self.store.live_steps(workflow_id)
+        position = next((step.sequence_number for step in history if step.step_name == step_name),
+                        self.next_sequence_number)
+        if any(number not in self._replayed_positions for number in range(1, position)):
+            return set()
+        namespace = self.host.namespace
+        return {name for name in inputs
+                if self._known_digests.replayed_untouched(name, namespace[name])}
 
     def known_digest(self, name: str, value: Any) -> str | None:
         """The digest the executor counts `value` (bound to `name`) by without hashing it: a
@@ -310,6 +331,7 @@ class DurableExecutor:
                 self._known_digests.remember_restored(variable.name, namespace[variable.name],
                                                       variable.content_digest, variable.size_bytes)
         self._leave_behind(record.step_name, namespace, digests)
+        self._replayed_positions.add(record.sequence_number)
         result = self._show(outputs)
         if problems:
             _warn(record.step_name, f"Step {record.step_name!r} replayed, but some of the process "
@@ -348,6 +370,7 @@ class DurableExecutor:
                  options: StepOptions) -> Any:
         __tracebackhide__ = True  # noqa: F841
         log.info("Executing step %r (#%d): %s", step_name, decision.sequence_number, decision.reason)
+        self._replayed_positions.discard(decision.sequence_number)
         namespace = self.host.namespace
         compiled = None
         started_at, started = utc_now(), time.perf_counter()

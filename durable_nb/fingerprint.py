@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import io
+import itertools
 import pickle
 import pickletools
 import sys
@@ -175,6 +176,43 @@ def _reduce_array(obj: Any, numpy: Any) -> Any:
                        numpy.asarray(fill).tolist())
 
 
+# What a matplotlib object holds that is not its value: drawing caches and bookkeeping that
+# differ between an artist and its restored copy (or before and after it is drawn).
+_MATPLOTLIB_VOLATILE = frozenset({
+    "_stale", "stale_callback", "_renderer", "_cachedRenderer", "_number", "_invalid",
+    "canvas", "_remove_method", "_canvas_callbacks", "_button_pick_id", "_scroll_pick_id",
+    "_mouseover_set", "_layout_engine_cache", "_path_effects_cache", "_inverted"})
+
+
+def _reduce_matplotlib(obj: Any) -> Any:
+    artist_module = sys.modules.get("matplotlib.artist")
+    transforms = sys.modules.get("matplotlib.transforms")
+    kinds = tuple(kind for kind in (getattr(artist_module, "Artist", None),
+                                    getattr(transforms, "TransformNode", None)) if kind is not None)
+    container = getattr(sys.modules.get("matplotlib.container"), "Container", None)
+    if container is not None and isinstance(obj, container):  # a tuple of artists (bars)
+        kind = type(obj)
+        return _stand_in, (f"{kind.__module__}.{kind.__qualname__}", tuple(obj)), sorted(
+            (name, value) for name, value in vars(obj).items() if name not in _MATPLOTLIB_VOLATILE)
+    if not kinds or not isinstance(obj, kinds):
+        return None
+    try:
+        state = obj.__getstate__()
+    except Exception:  # noqa: BLE001 - digest it as pickle would
+        return None
+    if not isinstance(state, dict):
+        return None
+    kind = type(obj)
+    # A transform keeps its parents keyed by their addresses, and a restored copy keeps the
+    # old addresses as keys: the parents count, their keys do not.
+    kept = sorted(((name, list(value.values()) if name == "_parents" and isinstance(value, dict)
+                    else value)
+                   for name, value in state.items() if name not in _MATPLOTLIB_VOLATILE),
+                  key=lambda item: item[0])
+    # The state goes in the state slot: artists refer back to each other (axes <-> figure).
+    return _stand_in, (f"{kind.__module__}.{kind.__qualname__}",), kept
+
+
 def _reduce_pandas(obj: Any, pandas: Any) -> Any:
     """A frame or series by what it holds: labels, dtypes and values, not by its pickle,
     which carries internal caches and block layout that differ between a frame and its
@@ -227,6 +265,11 @@ class _DigestPickler(cloudpickle.Pickler):
             # Event callbacks are not the artist's value, and pickling the registry advances
             # its id counter (`__getstate__` calls `next`): each digest would change it.
             return _stand_in, ("matplotlib callbacks",)
+        if type(obj) is itertools.count:  # an id generator (matplotlib's axes stack keeps one)
+            return _stand_in, ("counter",)
+        reduced = _reduce_matplotlib(obj)
+        if reduced is not None:
+            return reduced
         numpy, masked = sys.modules.get("numpy"), sys.modules.get("numpy.ma")
         if numpy is not None and (type(obj) is numpy.ndarray
                                   or (masked is not None and isinstance(obj, masked.MaskedArray))):

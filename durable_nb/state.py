@@ -162,6 +162,7 @@ class KnownDigests:
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[int, str]] = {}
+        self._replayed: dict[str, int] = {}  # name -> id of the object a replay bound to it
         # id -> [the restored object, its recorded digest, its digest here (None: not taken
         #        yet), whether it is large]
         self._restored: dict[int, list[Any]] = {}
@@ -171,6 +172,7 @@ class KnownDigests:
         return entry[1] if entry is not None and entry[0] == id(value) else None
 
     def remember(self, name: str, value: Any, digest: str, size_bytes: int) -> None:
+        self._replayed.pop(name, None)  # a step executed and set it: no longer as restored
         # Only where hashing again would cost something: anything smaller is hashed afresh
         # each time, so a change made outside a cell (a widget callback, a thread) is seen.
         if size_bytes >= REMEMBER_DIGESTS_FROM:
@@ -180,9 +182,18 @@ class KnownDigests:
 
     def remember_restored(self, name: str, value: Any, digest: str, size_bytes: int) -> None:
         self._entries[name] = (id(value), digest)
+        self._replayed[name] = id(value)
         # A large value is hashed here only when a plain cell could have changed it: numpy
         # and pandas memory hashes the same in every process.
         self._restored[id(value)] = [value, digest, None, size_bytes >= REMEMBER_DIGESTS_FROM]
+
+    def replayed_untouched(self, name: str, value: Any) -> bool:
+        """Whether `name` still holds what a replay put there, and since then only other
+        replays (which redo what the original run did) and no plain cell or executing step
+        could have changed it. Such a value is what the original run had at this point,
+        even where its digest here differs (a replayed step changed an object it refers to,
+        and matplotlib's restored artists pickle differently)."""
+        return self._replayed.get(name) == id(value)
 
     def translate(self, value: Any, digest: str) -> str:
         """The recorded digest of a restored value that still hashes as it did when
@@ -212,20 +223,25 @@ class KnownDigests:
                                  or id(namespace[name]) in touched[1]], large_too=True)
 
     def forget_touched_by(self, cell_text: str, namespace: Mapping[str, Any]) -> None:
-        if not self._entries:
+        if not self._entries and not self._replayed:
             return
         touched = _touched(cell_text, namespace)
         if touched is None:
             self._entries.clear()
+            self._replayed.clear()
             return
         names, touched_ids = touched
         for name in [name for name, (object_id, _) in self._entries.items()
                      if name in names or object_id in touched_ids]:
             del self._entries[name]
+        for name in [name for name, object_id in self._replayed.items()
+                     if name in names or object_id in touched_ids]:
+            del self._replayed[name]
 
     def clear(self) -> None:
         self._entries.clear()
         self._restored.clear()
+        self._replayed.clear()
 
 
 def _touched(cell_text: str, namespace: Mapping[str, Any]) -> tuple[set[str], set[int]] | None:

@@ -1,0 +1,174 @@
+"""Recording a step that makes ~100 MB of numpy + pandas state, through a real kernel (issue 9, target 4).
+
+Two kernels, each with a private temporary folder and IPYTHONDIR, run side by side, REPEAT
+times (a fresh seed each time, so every recording holds new content):
+
+- kernel A (no extension) runs the body plainly: a float64 array of half the size and a
+  DataFrame of the other half (three float64 and two int64 columns); then the same body
+  followed by `pickle.dump((arr, df))` (protocol 5) to a new local file, `flush` and
+  `os.fsync`, timed with perf_counter inside that cell (the baseline: durable_nb writes new
+  payload files too); then, for information, the same dump over that file again;
+- kernel B runs the same body as `%%durable_step recordN`, executed and committed.
+
+Recording cost = step cell - plain cell (medians, inside the kernel: pre_run_cell ->
+post_run_cell, see kernel.py), against the pickle.dump + fsync time.
+
+Then, in kernel B on a second store, SAME steps each make the same values again (same seed, so
+the same content, unchanged): the store's bytes on disk (database + .wal + .blobs folder)
+after each step show whether the large values are stored once.
+
+    python benchmarks/record_large.py [--mb 100] [--repeat 5] [--same 4] [--quick] [--profile]
+
+Targets: recording / (pickle.dump + fsync) <= 1.0; the store holds values recorded
+unchanged by several steps once (here: it grows by less than 10% of the first step's size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+
+from kernel import BenchKernel
+from report import MB, MS, SPREAD_HEADER, Targets, disk_usage, spread_line, store_files
+
+TARGET_RATIO = 1.0
+TARGET_GROWTH = 0.10  # of the first step's bytes, for all the repeated steps together
+
+IMPORTS = "import os\nimport pickle\nimport time\nimport numpy as np\nimport pandas as pd\n"
+BODY = """\
+rng = np.random.default_rng({seed})
+arr = rng.random({floats})
+df = pd.DataFrame({{"a": rng.random({rows}), "b": rng.random({rows}), "c": rng.random({rows}),
+                   "i": np.arange({rows}, dtype=np.int64),
+                   "j": rng.integers(0, 1000, {rows}, dtype=np.int64)}})
+del rng
+"""
+DUMP = """\
+_started = time.perf_counter()
+with open({path!r}, "wb") as handle:
+    pickle.dump((arr, df), handle, protocol=5)
+    handle.flush()
+    os.fsync(handle.fileno())
+dump_seconds = time.perf_counter() - _started
+del handle, _started
+"""
+
+
+def open_workflow(kernel: BenchKernel, workflow: str, store: str) -> None:
+    kernel.run(f"%load_ext durable_nb\n%durable_workflow {workflow} --db {store}")
+    kernel.clock_last()
+
+
+def in_kernel(kernel: BenchKernel, code: str) -> float:
+    seconds = kernel.run(code).in_kernel
+    assert seconds is not None
+    return seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=100.0, help="state size in MB (10^6 bytes)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--same", type=int, default=4,
+                        help="steps that record the same values unchanged")
+    parser.add_argument("--quick", action="store_true", help="2 repetitions, 3 same-value steps")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile one more recording step inside the kernel")
+    arguments = parser.parse_args()
+    repeat, same = (2, 3) if arguments.quick else (arguments.repeat, arguments.same)
+    size = int(arguments.mb * MB)
+
+    def body(seed: int) -> str:
+        return BODY.format(seed=seed, floats=size // 2 // 8, rows=size // 2 // (5 * 8))
+
+    workdir = tempfile.mkdtemp(prefix="durable_nb_bench_")
+    store = os.path.join(workdir, "record.duckdb")
+    same_store = os.path.join(workdir, "same.duckdb")
+    plain_kernel = BenchKernel(os.path.join(workdir, "plain"))
+    step_kernel = BenchKernel(os.path.join(workdir, "steps"))
+    plain: list[float] = []
+    dumped: list[float] = []
+    overwritten: list[float] = []
+    dump_cells: list[float] = []
+    steps: list[float] = []
+    sizes: list[tuple[int, int]] = []
+    profile = ""
+    try:
+        for kernel in (plain_kernel, step_kernel):
+            kernel.start()
+            kernel.run(IMPORTS)
+        open_workflow(step_kernel, "record-large", store)
+        nbytes = 0
+        for attempt in range(repeat):
+            seed = attempt + 1
+            plain.append(in_kernel(plain_kernel, body(seed)))
+            steps.append(in_kernel(step_kernel, f"%%durable_step record{seed}\n{body(seed)}"))
+            pickle_path = os.path.join(workdir, f"state{seed}.pkl")
+            dump_cells.append(in_kernel(plain_kernel, body(seed) + DUMP.format(path=pickle_path)))
+            dumped.append(plain_kernel.evaluate("dump_seconds"))
+            plain_kernel.run(DUMP.format(path=pickle_path))
+            overwritten.append(plain_kernel.evaluate("dump_seconds"))
+            nbytes = plain_kernel.evaluate("int(arr.nbytes + df.memory_usage(index=True).sum())")
+        record_bytes = disk_usage(store_files(store))
+        if arguments.profile:
+            step_kernel.start_profile()
+            step_kernel.run(f"%%durable_step record{repeat + 1}\n{body(repeat + 1)}")
+            profile = step_kernel.stop_profile()
+
+        step_kernel.run(f"%durable_workflow same-values --db {same_store}")
+        for index in range(1, same + 1):
+            step_kernel.run(f"%%durable_step same{index}\n{body(0)}")
+            sizes.append(disk_usage(store_files(same_store)))
+        pickle_bytes = os.path.getsize(pickle_path)
+    finally:
+        plain_kernel.stop()
+        step_kernel.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    recording = [step - plain_cell for step, plain_cell in zip(steps, plain)]
+    dump_over_plain = [cell - plain_cell for cell, plain_cell in zip(dump_cells, plain)]
+    print(f"durable_nb recording {nbytes / MB:.0f} MB of numpy + pandas state (pickle file "
+          f"{pickle_bytes / MB:.0f} MB), {repeat} times; per cell, ms, inside the kernel")
+    print(f"{'':<50}{SPREAD_HEADER}")
+    for label, values in [
+        ("plain cell making the values (kernel A)", plain),
+        ("the same cell as a step, executed (kernel B)", steps),
+        ("recording: step - plain", recording),
+        ("pickle.dump + fsync to a new file, in its cell", dumped),
+        ("(cell with pickle.dump) - plain cell", dump_over_plain),
+        ("pickle.dump + fsync over that file again", overwritten),
+    ]:
+        print(spread_line(label, values))
+    print(f"the recording store after {repeat} steps of new content: {record_bytes[0] / MB:.0f} MB "
+          f"({record_bytes[1] / MB:.0f} MB allocated on disk)")
+    print(f"\n{same} steps recording the same values unchanged (same seed), store bytes after each step:")
+    print(f"{'step':<8}{'apparent MB':>13}{'on disk MB':>12}")
+    for index, (apparent, allocated) in enumerate(sizes, start=1):
+        print(f"{index:<8}{apparent / MB:13.1f}{allocated / MB:12.1f}")
+    if profile:
+        print(f"\ncProfile inside the kernel of one more recording step:\n{profile}")
+
+    median = statistics.median
+    ratio = median(recording) / median(dumped)
+    first, last = sizes[0][1], sizes[-1][1]
+    growth = (last - first) / first
+    table = Targets("issue 9, target 4 (machine: 2 cores, shared with other work: figures are noisy)")
+    table.add(f"4. recording {nbytes / MB:.0f} MB (step - plain) / pickle.dump + fsync, inside "
+              f"the kernel, medians of {repeat}",
+              f"{ratio:.2f} ({median(recording) * MS:.0f} vs {median(dumped) * MS:.0f} ms)",
+              f"<= {TARGET_RATIO:.1f}", ratio <= TARGET_RATIO)
+    table.add("   pickle.dump + fsync over an existing file instead (median)",
+              f"{median(overwritten) * MS:.0f} ms: ratio {median(recording) / median(overwritten):.2f}")
+    table.add(f"4. store on disk after {same} steps recording the same values / after 1",
+              f"{last / MB:.1f} MB / {first / MB:.1f} MB (+{growth:.1%})",
+              f"+ <= {TARGET_GROWTH:.0%}", growth <= TARGET_GROWTH)
+    table.print()
+    return 0 if table.all_passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
