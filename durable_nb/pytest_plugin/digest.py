@@ -8,8 +8,11 @@ imported here: this module is imported by the kernel, which need not have pytest
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import reprlib
+import sys
 from typing import Any, Iterable, Mapping
 
 from ..fingerprint import is_opaque, value_digest
@@ -26,10 +29,71 @@ def _summary_and_digest(value: Any) -> dict[str, str]:
         summary = _summaries.repr(value)
     except Exception as exc:  # a broken __repr__ must not hide the comparison
         summary = f"<repr failed: {type(exc).__name__}>"
-    digest = value_digest(value)
+    plot = _plot_digest(value)
+    digest = plot or value_digest(value)
     if is_opaque(digest):
         digest = f"unpicklable ({digest})"
-    return {"summary": summary, "digest": digest}
+    return {"summary": summary, "digest": digest, **({"drawn": True} if plot else {})}
+
+
+def _plot_digest(value: Any) -> str | None:
+    """A matplotlib object (or a tuple, list or dict holding some, as `plt.hist` returns)
+    counts by what it draws: its type, the picture of each figure it belongs to, and the
+    digests of its other parts. Its pickle is no value: a figure's object graph holds
+    drawing caches, counters and callbacks that differ between two runs drawing the same."""
+    artist_module = sys.modules.get("matplotlib.artist")
+    if artist_module is None:
+        return None
+    kinds = (artist_module.Artist,
+             getattr(sys.modules.get("matplotlib.container"), "Container", artist_module.Artist))
+    if not _holds_artists(value, kinds, 3):
+        return None
+    digest = hashlib.sha256()
+    _feed(value, kinds, digest, 3)
+    return digest.hexdigest()
+
+
+def _holds_artists(value: Any, kinds: tuple[type, ...], depth: int) -> bool:
+    if isinstance(value, kinds):
+        return True
+    if depth and isinstance(value, (tuple, list)):
+        return any(_holds_artists(item, kinds, depth - 1) for item in value)
+    if depth and isinstance(value, dict):
+        return any(_holds_artists(item, kinds, depth - 1) for item in value.values())
+    return False
+
+
+def _feed(value: Any, kinds: tuple[type, ...], digest: Any, depth: int) -> None:
+    kind = type(value)
+    digest.update(f"{kind.__module__}.{kind.__qualname__}".encode())
+    artist, container = kinds
+    if isinstance(value, artist):
+        digest.update(_picture(value.get_figure(root=True) if _takes_root(value) else value.figure))
+    elif depth and isinstance(value, (tuple, list)):  # a Container is a tuple too
+        for item in value:
+            _feed(item, kinds, digest, depth - 1)
+    elif depth and isinstance(value, dict):
+        for key, item in value.items():
+            digest.update(value_digest(key).encode())
+            _feed(item, kinds, digest, depth - 1)
+    else:
+        digest.update(value_digest(value).encode())
+
+
+def _takes_root(artist: Any) -> bool:
+    try:
+        artist.get_figure(root=True)
+    except (TypeError, AttributeError):
+        return False
+    return True
+
+
+def _picture(figure: Any) -> bytes:
+    if figure is None:
+        return b"no figure"
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return hashlib.sha256(buffer.getvalue()).digest()
 
 
 def _parts(value: Any) -> dict[str, Any]:
@@ -65,7 +129,7 @@ def describe_variables(namespace: Mapping[str, Any], names: Iterable[str]) -> st
             continue
         described[name] = describe(namespace[name])
         known = executor.known_digest(name, namespace[name]) if executor is not None else None
-        if known is not None:
+        if known is not None and not described[name].get("drawn"):
             described[name] = {**described[name], "parts": {},
                                "digest": f"unpicklable ({known})" if is_opaque(known) else known}
     return json.dumps(described)
