@@ -248,8 +248,8 @@ class DurableExecutor:
         """Inputs that are as the original run had them here because replays restored them
         and only replays touched them since; only while every step before this one
         replayed in this session (otherwise the history here is not the original's)."""
-        if not self._trust_known_digests:  # a script can change values between steps unseen
-            return set()
+        if not self._trust_known_digests or not self._replayed_positions:
+            return set()  # (a script can change values between steps unseen)
         history = self.store.live_steps(workflow_id)
         position = next((step.sequence_number for step in history if step.step_name == step_name),
                         self.next_sequence_number)

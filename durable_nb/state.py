@@ -14,6 +14,7 @@ so other names for it see the change too.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import types
@@ -120,6 +121,7 @@ class NamespaceWatch:
 _NOTHING = object()
 
 
+@functools.lru_cache(maxsize=1 << 16)  # asked for every variable at every step
 def is_ipython_internal(name: str) -> bool:
     """IPython's output cache and history names, and dunder names such as __builtins__."""
     return bool(_IPYTHON_CACHE.match(name)) or (name.startswith("__") and name.endswith("__"))

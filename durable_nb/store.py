@@ -564,13 +564,21 @@ class _Snapshot:
         """The snapshot once `record_step` committed `stored`: the same rules as
         `_record_step_txn` applies in SQL, applied to the history in memory (a test checks
         the two agree on random sequences of commits)."""
+        failure_aside = stored.superseded_at is not None
+        key = (stored.sequence_number, stored.revision)
+        if supersede_from is None and stale_after is None and not failure_aside \
+                and (not self.history or self.history[-1].sequence_number < stored.sequence_number):
+            # The common case, a new step at the end: no pass over the whole history.
+            outputs_kept, variables_kept = dict(self.outputs), dict(self.variables)
+            if stored.status == COMPLETED and _step_bytes(outputs, variables) <= SNAPSHOT_STEP_BYTES:
+                outputs_kept[key], variables_kept[key] = list(outputs), variables
+            return _Snapshot(self.token, (*self.history, stored), outputs_kept, variables_kept)
         history = list(self.history)
         if stale_after is not None:
             history = [replace(step, status=STALE) if step.sequence_number > stale_after else step
                        for step in history]
         if supersede_from is not None:
             history = [step for step in history if step.sequence_number < supersede_from]
-        failure_aside = stored.superseded_at is not None
         if not failure_aside:
             history = sorted([step for step in history
                               if step.sequence_number != stored.sequence_number] + [stored],
@@ -579,7 +587,6 @@ class _Snapshot:
                 if step.status == COMPLETED}
         kept_outputs = {key: value for key, value in self.outputs.items() if key in live}
         kept_variables = {key: value for key, value in self.variables.items() if key in live}
-        key = (stored.sequence_number, stored.revision)
         if key in live and _step_bytes(outputs, variables) <= SNAPSHOT_STEP_BYTES:
             kept_outputs[key] = list(outputs)
             kept_variables[key] = variables
