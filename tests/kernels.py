@@ -124,13 +124,17 @@ class Kernel:
         if self._manager is not None:
             self._forget(now=False)
 
-    def run_notebook(self, notebook: NotebookNode, timeout: float = 120.0) -> None:
+    def run_notebook(self, notebook: NotebookNode, timeout: float = 120.0,
+                     coalesce_streams: bool = False) -> None:
         """Execute every cell in a fresh kernel; the outputs are written into `notebook`.
 
         Raises DeadKernelError when the kernel dies; the cells run so far keep their outputs.
+        `coalesce_streams` stores each stream merged, as nbclient does when asked (otherwise
+        one output per kernel message, cut wherever the kernel flushed).
         """
         client = NotebookClient(notebook, timeout=timeout, kernel_name=KERNEL_NAME,
                                 startup_timeout=self.startup_timeout,
+                                coalesce_streams=coalesce_streams,
                                 resources={"metadata": {"path": str(self.cwd)}})
         client.execute(env=self.env)
 

@@ -9,7 +9,6 @@ table tests drive `OutputRecorder` directly, without a shell.
 from __future__ import annotations
 
 import copy
-import functools
 import re
 import sys
 import tracemalloc
@@ -20,14 +19,12 @@ import nbformat
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 
 from durable_nb import capture
 from durable_nb.capture import OutputRecorder, recording
 from durable_nb.store import StepStore
 
-from . import kernels
 from .kernels import Kernel
 
 WORKFLOW = "capture-cases"
@@ -69,15 +66,11 @@ def notebook_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     directory = tmp_path_factory.mktemp("capture")
     store_path = directory / "store.duckdb"
     kernel = Kernel(directory, {"DURABLE_NB_DB": str(store_path)})
-    with pytest.MonkeyPatch.context() as patch:
-        # tests/kernels.py builds the NotebookClient; nbclient stores streams uncoalesced
-        # (one output per kernel message, cut wherever the kernel flushed) unless asked.
-        patch.setattr(kernels, "NotebookClient",
-                      functools.partial(NotebookClient, coalesce_streams=True))
-        executed, replayed = cases_notebook(), cases_notebook()
-        kernel.run_notebook(executed)
-        records = StepStore(store_path).live_steps(WORKFLOW)
-        kernel.run_notebook(replayed)
+    # nbclient stores streams uncoalesced (one output per kernel message) unless asked.
+    executed, replayed = cases_notebook(), cases_notebook()
+    kernel.run_notebook(executed, coalesce_streams=True)
+    records = StepStore(store_path).live_steps(WORKFLOW)
+    kernel.run_notebook(replayed, coalesce_streams=True)
     yield {"executed": executed, "replayed": replayed, "store": StepStore(store_path),
            "records": {record.step_name: record for record in records}}
 
