@@ -396,7 +396,8 @@ class DurableExecutor:
         watch = state.NamespaceWatch(namespace, inputs, self.host.is_hidden,
                                      self._known_digests.translate)
         # What existed before the step, so its state refers to those objects, not copies.
-        live = index_live_objects(namespace, self.host.is_hidden, inputs)
+        live = index_live_objects(namespace, self.host.is_hidden, inputs,
+                                  every_variable=state.reaches_any_name(transformed))
         self._known_digests.take_local_digests([namespace[name] for name in inputs
                                                 if name in namespace])
         ambient_before = ambient.snapshot()

@@ -9,11 +9,11 @@ position in that list. On replay, the same paths are followed in the namespace t
 cells above rebuilt (deterministically, which is what makes the paths meaningful), and the
 references resolve to the live objects.
 
-What is indexed: every variable's object (but values whose identity means nothing, such as
-numbers, strings, modules and library functions), and, under the variables the step reads,
-the objects nested in plain containers and in instances of the notebook's own classes. A
-step cannot reach an older object but through the names it reads, so objects under names it
-does not read need no path. Library objects (a DataFrame's internals, a model's fitted
+What is indexed: the objects of the variables the step reads (but values whose identity
+means nothing, such as numbers, strings, modules and library functions), and the objects
+nested in them, in plain containers and in instances of the notebook's own classes. A step
+cannot reach an older object but through the names it reads, so other variables need no
+path (unless its code reaches names without naming them: `globals()`, `eval`). Library objects (a DataFrame's internals, a model's fitted
 arrays) are not walked: they are copied with their owner, as pickle copies them.
 """
 
@@ -100,16 +100,22 @@ class LiveObjects:
 
 
 def index_live_objects(namespace: dict[str, Any], is_hidden: Callable[[str], bool],
-                       read_names: Iterable[str]) -> LiveObjects:
+                       read_names: Iterable[str], every_variable: bool = False) -> LiveObjects:
+    """The objects a step can reach: those of the variables it reads (`read_names`: its code's
+    names and the globals of the notebook functions it calls) and what they hold. With
+    `every_variable` (code that reaches names without naming them: `globals()`, `eval`),
+    every variable's object too. A step's record lists each indexed object's path, so
+    indexing only what it can reach keeps records small in a notebook with many variables."""
     live = LiveObjects(namespace)
     live.add(namespace, ())
-    for name, value in namespace.items():
+    read = sorted(name for name in read_names if name in namespace)
+    for name in (namespace if every_variable else read):
+        value = namespace[name]
         if not is_hidden(name) and has_identity(value):
             live.add(value, (name,))
     budget = MAX_NESTED_OBJECTS
-    for root in sorted(read_names):
-        if root in namespace:
-            budget = _walk(live, root, namespace[root], budget)
+    for root in read:
+        budget = _walk(live, root, namespace[root], budget)
     return live
 
 

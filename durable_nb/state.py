@@ -143,6 +143,11 @@ _REACHES_ANYTHING = re.compile(r"%run|\bexec\b|\beval\b|\bglobals\b|\bvars\b|use
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def reaches_any_name(code: str) -> bool:
+    """Whether code can reach any variable without naming it (`globals()`, `exec`, `%run`)."""
+    return bool(_REACHES_ANYTHING.search(code))
+
+
 REMEMBER_DIGESTS_FROM = 1024 * 1024
 
 

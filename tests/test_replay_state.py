@@ -238,3 +238,25 @@ def test_an_object_a_step_changed_and_then_rebound_is_changed_under_its_other_na
     ns = session.ns
     assert ns["b"] == [1, 2] and ns["t"][0] is ns["b"] and ns["a"] == ["new"]
     assert ns["v"] is ns["t"] and ns["u"] is ns["t"]
+
+
+def test_a_steps_record_refers_only_to_what_it_can_reach(session: NotebookSession,
+                                                          counter: Path) -> None:
+    import pickle
+
+    step = counted_step(counter, "use", "derived = [base, base]")
+
+    session.ok("unrelated = {f'v{i}': [i] for i in range(300)}\n" +
+               "\n".join(f"v{i} = unrelated['v{i}']" for i in range(300)) + "\nbase = [1]")
+    session.ok(step)
+    [record] = session.store.live_steps("test-workflow")
+    _, variables = session.store.read_step(record)
+    [stream] = [variable for variable in variables if not variable.holds_a_variable]
+    header = pickle.loads(stream.chunks[0])
+    # The namespace (functions keep it as globals), the counter's file handle, and `base`.
+    assert [path for path in header["paths"] if path != ("_f",)] == [(), ("base",)]
+    session.restart()
+    session.ok("unrelated = {}\nbase = [1]")  # the unrelated variables are gone: no matter
+    session.ok(step)
+    assert runs(counter) == ["use"]
+    assert session.ns["derived"][0] is session.ns["base"] is session.ns["derived"][1]
