@@ -51,10 +51,14 @@ def changed_input(recorded: Mapping[str, str], current: Mapping[str, str],
 def decide(history: Sequence[StepRecord], step_name: str, fingerprint: str,
            inputs: Mapping[str, str], next_sequence_number: int, *, force: bool = False,
            own_outputs: Mapping[str, str] | None = None,
-           replayed: Collection[str] = ()) -> Decision:
-    """Execute or replay, at which position, and why."""
-    by_name = {record.step_name: record for record in history}
-    by_position = {record.sequence_number: record for record in history}
+           replayed: Collection[str] = (),
+           index: tuple[Mapping[str, StepRecord], Mapping[int, StepRecord]] | None = None
+           ) -> Decision:
+    """Execute or replay, at which position, and why. `index` is the history by step name
+    and by position, when the caller keeps one."""
+    by_name, by_position = index if index is not None else (
+        {record.step_name: record for record in history},
+        {record.sequence_number: record for record in history})
     # A name already in the history pins the step to its recorded position: re-running a
     # cell (or running a later one first after a restart) finds its own record.
     known = by_name.get(step_name)

@@ -210,10 +210,10 @@ class DurableExecutor:
         transformed = self.host.transform(source)
         inputs = self._input_digests(transformed)
         fingerprint = code_fingerprint(transformed)
-        decision = decide(self.store.live_steps(workflow_id), step_name,
-                          fingerprint, inputs, self.next_sequence_number,
+        decision = decide((), step_name, fingerprint, inputs, self.next_sequence_number,
                           force=options.force, own_outputs=self._still_there(step_name),
-                          replayed=self._replayed_inputs(workflow_id, step_name, inputs))
+                          replayed=self._replayed_inputs(workflow_id, step_name, inputs),
+                          index=self.store.live_index(workflow_id))
         self._check_unique(step_name, decision)
         if self.strict and decision.diverges and decision.record is not None:
             raise NonDeterminismError(workflow_id, decision.sequence_number,
@@ -250,9 +250,9 @@ class DurableExecutor:
         replayed in this session (otherwise the history here is not the original's)."""
         if not self._trust_known_digests or not self._replayed_positions:
             return set()  # (a script can change values between steps unseen)
-        history = self.store.live_steps(workflow_id)
-        position = next((step.sequence_number for step in history if step.step_name == step_name),
-                        self.next_sequence_number)
+        by_name, _ = self.store.live_index(workflow_id)
+        known = by_name.get(step_name)
+        position = known.sequence_number if known is not None else self.next_sequence_number
         if any(number not in self._replayed_positions for number in range(1, position)):
             return set()
         namespace = self.host.namespace

@@ -58,8 +58,9 @@ class NamespaceWatch:
         self._is_hidden = is_hidden
         self._translate = translate
         # Hold the old objects: comparing ids alone would miss a rebinding that reuses a
-        # freed object's address.
-        self._before = {name: value for name, value in namespace.items() if not is_hidden(name)}
+        # freed object's address. (A plain copy: hidden names are left out when compared,
+        # so a step costs no call per variable that it did not touch.)
+        self._before = dict(namespace)
         self._input_digests = dict(input_digests)
         self.after_digests: dict[str, str] = {}
 
@@ -69,10 +70,9 @@ class NamespaceWatch:
     def changes(self, namespace: Mapping[str, Any]) -> StateChange:
         changed, mutated = [], []
         for name, value in namespace.items():
-            if self._is_hidden(name):
-                continue
-            if name not in self._before or self._before[name] is not value:
-                changed.append(name)
+            if self._before.get(name, _NOTHING) is not value:
+                if not self._is_hidden(name):
+                    changed.append(name)
                 continue
             before = self._input_digests.get(name)
             if before is None:
@@ -90,7 +90,8 @@ class NamespaceWatch:
             if after != before:
                 changed.append(name)
                 mutated.append(name)
-        deleted = [name for name in self._before if name not in namespace]
+        deleted = [name for name in self._before
+                   if name not in namespace and not self._is_hidden(name)]
         released = [name for name in self._input_digests
                     if name in self._before and namespace.get(name, _NOTHING) is not self._before[name]]
         for holder in self._changed_under_other_names(namespace, released, changed):

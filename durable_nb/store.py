@@ -11,6 +11,7 @@ removes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from .db import Connection, Database, atomic, fetch_dicts
 from .errors import UnknownStepError
@@ -162,6 +163,12 @@ class StepStore:
     def live_steps(self, workflow_id: str) -> list[StepRecord]:
         """The workflow's current history, one record per position, in clock order."""
         return list(self._snapshot(workflow_id).history)
+
+    def live_index(self, workflow_id: str) -> tuple[Mapping[str, StepRecord], Mapping[int, StepRecord]]:
+        """The live history by step name and by position, kept with the cached snapshot so
+        that finding a step costs nothing per step of history."""
+        snapshot = self._snapshot(workflow_id)
+        return snapshot.by_name, snapshot.by_position
 
     def all_steps(self, workflow_id: str) -> list[StepRecord]:
         """Every record, superseded ones included, by position then revision."""
@@ -557,6 +564,14 @@ class _Snapshot:
     # when they replay.
     outputs: dict[tuple[int, int], list[StoredOutput]]
     variables: dict[tuple[int, int], list[StoredVariable]]
+
+    @functools.cached_property
+    def by_name(self) -> dict[str, StepRecord]:
+        return {record.step_name: record for record in self.history}
+
+    @functools.cached_property
+    def by_position(self) -> dict[int, StepRecord]:
+        return {record.sequence_number: record for record in self.history}
 
     def after_commit(self, stored: StepRecord, outputs: Sequence[StoredOutput],
                      variables: list[StoredVariable], supersede_from: int | None,
