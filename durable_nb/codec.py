@@ -63,14 +63,12 @@ class EncodedState:
     sizes: dict[str, int]  # bytes each binding or patch added
     unstorable: list[Unstorable]
     patched: list[str]  # labels of objects that will be patched in place
-    copied: list[str]  # variables changed in place that could not be: bound to a copy
 
 
 @dataclass
 class DecodedState:
     bindings: dict[str, Any] = field(default_factory=dict)
     patches: list[tuple[Any, str, Any]] = field(default_factory=list)  # live object, kind, state
-    ambient: dict[str, Any] = field(default_factory=dict)
 
 
 class RestoreFailed(Exception):
@@ -273,8 +271,7 @@ def _encode(live: LiveObjects, bindings: dict[str, Any], changed: list[ChangedIn
     header = pickle.dumps({"kind": HEADER_KIND, "format": FORMAT, "paths": live.paths,
                            "types": [qualified_type_name(value) for value in live.objects]},
                           protocol=5)
-    return EncodedState([header, stream.getvalue(), *buffers], sizes, unstorable, patched,
-                        [name for name in copies if name not in excluded])
+    return EncodedState([header, stream.getvalue(), *buffers], sizes, unstorable, patched)
 
 
 # -- decoding ---------------------------------------------------------------------------
@@ -302,7 +299,6 @@ def decode_state(namespace: dict[str, Any], chunks: list[Any],
         if kind == "end":
             break
         if kind == "ambient":
-            decoded.ambient = record[1]
             apply_ambient(record[1])
         elif kind == "patch":
             decoded.patches.append(record[1:])

@@ -184,18 +184,15 @@ _MATPLOTLIB_VOLATILE = frozenset({
     "_mouseover_set", "_layout_engine_cache", "_path_effects_cache", "_inverted"})
 
 
+def _reduce_matplotlib_container(obj: Any) -> Any:
+    """A tuple of artists (bars, error bars) by its members and attributes, as an artist."""
+    kind = type(obj)
+    return _stand_in, (f"{kind.__module__}.{kind.__qualname__}", tuple(obj)), sorted(
+        (name, value) for name, value in vars(obj).items() if name not in _MATPLOTLIB_VOLATILE)
+
+
 def _reduce_matplotlib(obj: Any) -> Any:
-    artist_module = sys.modules.get("matplotlib.artist")
-    transforms = sys.modules.get("matplotlib.transforms")
-    kinds = tuple(kind for kind in (getattr(artist_module, "Artist", None),
-                                    getattr(transforms, "TransformNode", None)) if kind is not None)
-    container = getattr(sys.modules.get("matplotlib.container"), "Container", None)
-    if container is not None and isinstance(obj, container):  # a tuple of artists (bars)
-        kind = type(obj)
-        return _stand_in, (f"{kind.__module__}.{kind.__qualname__}", tuple(obj)), sorted(
-            (name, value) for name, value in vars(obj).items() if name not in _MATPLOTLIB_VOLATILE)
-    if not kinds or not isinstance(obj, kinds):
-        return None
+    """An artist or transform by its pickled state, without drawing caches and bookkeeping."""
     try:
         state = obj.__getstate__()
     except Exception:  # noqa: BLE001 - digest it as pickle would
@@ -251,28 +248,42 @@ class _DigestPickler(cloudpickle.Pickler):
         # Without a memo, an array held in fifty places would be hashed fifty times.
         self._arrays: dict[int, int] = {}
         self._keep_alive: list[Any] = []
+        # The library types with rules of their own, looked up once per digest rather than
+        # for every object pickled (only libraries already imported can be in a value).
+        modules = sys.modules
+        self._numpy = modules.get("numpy")
+        self._masked = getattr(modules.get("numpy.ma"), "MaskedArray", None)
+        self._pandas = modules.get("pandas")
+        self._frames = (self._pandas.DataFrame, self._pandas.Series) if self._pandas else ()
+        self._callbacks = getattr(modules.get("matplotlib.cbook"), "CallbackRegistry", None)
+        self._containers = getattr(modules.get("matplotlib.container"), "Container", None)
+        self._artists = tuple(kind for kind in (
+            getattr(modules.get("matplotlib.artist"), "Artist", None),
+            getattr(modules.get("matplotlib.transforms"), "TransformNode", None)) if kind)
 
     def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
         if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
             return _reduce_notebook_code(obj)
-        pandas = sys.modules.get("pandas")
-        if pandas is not None and type(obj) in (pandas.DataFrame, pandas.Series):
-            reduced = _reduce_pandas(obj, pandas)
+        if kind in self._frames:
+            reduced = _reduce_pandas(obj, self._pandas)
             if reduced is not None:
                 return reduced
-        cbook = sys.modules.get("matplotlib.cbook")
-        if cbook is not None and type(obj) is cbook.CallbackRegistry:
+        if kind is self._callbacks:
             # Event callbacks are not the artist's value, and pickling the registry advances
             # its id counter (`__getstate__` calls `next`): each digest would change it.
             return _stand_in, ("matplotlib callbacks",)
-        if type(obj) is itertools.count:  # an id generator (matplotlib's axes stack keeps one)
+        if kind is itertools.count:  # an id generator (matplotlib's axes stack keeps one)
             return _stand_in, ("counter",)
-        reduced = _reduce_matplotlib(obj)
-        if reduced is not None:
-            return reduced
-        numpy, masked = sys.modules.get("numpy"), sys.modules.get("numpy.ma")
-        if numpy is not None and (type(obj) is numpy.ndarray
-                                  or (masked is not None and isinstance(obj, masked.MaskedArray))):
+        if self._containers is not None and isinstance(obj, self._containers):
+            return _reduce_matplotlib_container(obj)
+        if self._artists and isinstance(obj, self._artists):
+            reduced = _reduce_matplotlib(obj)
+            if reduced is not None:
+                return reduced
+        numpy = self._numpy
+        if numpy is not None and (kind is numpy.ndarray
+                                  or (self._masked is not None and isinstance(obj, self._masked))):
             seen = self._arrays.get(id(obj))
             if seen is not None:
                 return _stand_in, ("the same array as", seen)

@@ -108,12 +108,12 @@ def index_live_objects(namespace: dict[str, Any], is_hidden: Callable[[str], boo
     indexing only what it can reach keeps records small in a notebook with many variables."""
     live = LiveObjects(namespace)
     live.add(namespace, ())
+    if every_variable:
+        for name, value in namespace.items():
+            if not is_hidden(name) and has_identity(value):
+                live.add(value, (name,))
     read = sorted(name for name in read_names if name in namespace)
-    for name in (namespace if every_variable else read):
-        value = namespace[name]
-        if not is_hidden(name) and has_identity(value):
-            live.add(value, (name,))
-    budget = MAX_NESTED_OBJECTS
+    budget = MAX_NESTED_OBJECTS  # (the walk indexes each variable read, then what it holds)
     for root in read:
         budget = _walk(live, root, namespace[root], budget)
     return live

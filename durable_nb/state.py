@@ -112,9 +112,11 @@ class NamespaceWatch:
                 continue
             names = [other for other, value in namespace.items() if value is old
                      and other not in changed and not self._is_hidden(other)]
-            if names and self._translate(old, value_digest(old)) != before:
-                for other in names:
-                    self.after_digests[other] = self._translate(old, value_digest(old))
+            if not names:
+                continue
+            after = self._translate(old, value_digest(old))
+            if after != before:
+                self.after_digests.update(dict.fromkeys(names, after))
                 holders.extend(names)
         return holders
 
@@ -126,11 +128,6 @@ _NOTHING = object()
 def is_ipython_internal(name: str) -> bool:
     """IPython's output cache and history names, and dunder names such as __builtins__."""
     return bool(_IPYTHON_CACHE.match(name)) or (name.startswith("__") and name.endswith("__"))
-
-
-def type_name(value: Any) -> str:
-    kind = type(value)
-    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def is_spent(value: Any) -> bool:

@@ -239,6 +239,10 @@ class StepStore:
             for variable in variables
             for index, (chunk_size, inline, blob) in enumerate(self._place_chunks(variable.chunks))
         ]
+        # Each output serialised once: for its row, and to size the step for the snapshot.
+        output_rows = [(item.output["output_type"], json.dumps(item.output),
+                        json.dumps(item.transient) if item.transient else None)
+                       for item in outputs]
         previous = self._snapshots.pop(record.workflow_id, None)
         self._snapshots.clear()
         with self.database.connect() as connection:
@@ -246,11 +250,13 @@ class StepStore:
             # now can be brought up to date in memory, without reading the history back.
             current = previous is not None and previous.token == self.database.file_state()
             with atomic(connection):
-                stored = self._record_step_txn(connection, record, outputs, variables,
+                stored = self._record_step_txn(connection, record, output_rows, variables,
                                                chunk_rows, supersede_from, stale_after)
             if current and previous is not None:
+                step_bytes = sum(len(row[1]) for row in output_rows) + sum(
+                    row[2] for row in chunk_rows if row[3] is not None)
                 snapshot = previous.after_commit(stored, outputs, _placed_variables(
-                    variables, chunk_rows), supersede_from, stale_after)
+                    variables, chunk_rows), step_bytes, supersede_from, stale_after)
             else:
                 snapshot = self._read_snapshot_txn(connection, record.workflow_id)
             token = self.database.file_state()
@@ -437,7 +443,8 @@ class StepStore:
                 for name, codec, type_name, digest, size in variables]
 
     def _record_step_txn(self, connection: Connection, record: StepRecord,
-                         outputs: Sequence[StoredOutput], variables: Sequence[StoredVariable],
+                         output_rows: list[tuple[str, str, str | None]],
+                         variables: Sequence[StoredVariable],
                          chunk_rows: list[tuple[str, int, int, bytes | None, str | None]],
                          supersede_from: int | None, stale_after: int | None) -> StepRecord:
         workflow_id, sequence_number = record.workflow_id, record.sequence_number
@@ -479,10 +486,8 @@ class StepStore:
              json.dumps(stored.unrestorable), json.dumps(stored.inputs), stored.attempts,
              json.dumps(stored.attempt_errors), stored.cell_id, stored.superseded_at])
         key = [workflow_id, sequence_number, revision]
-        _insert_rows(connection, "step_outputs", _OUTPUT_COLUMNS, [
-            key + [index, item.output["output_type"], json.dumps(item.output),
-                   json.dumps(item.transient) if item.transient else None]
-            for index, item in enumerate(outputs)])
+        _insert_rows(connection, "step_outputs", _OUTPUT_COLUMNS,
+                     [key + [index, *row] for index, row in enumerate(output_rows)])
         _insert_rows(connection, "step_variables", _VARIABLE_COLUMNS, [
             key + [variable.name, variable.codec, variable.type_name, variable.size_bytes,
                    variable.content_digest] for variable in variables])
@@ -574,49 +579,42 @@ class _Snapshot:
         return {record.sequence_number: record for record in self.history}
 
     def after_commit(self, stored: StepRecord, outputs: Sequence[StoredOutput],
-                     variables: list[StoredVariable], supersede_from: int | None,
-                     stale_after: int | None) -> _Snapshot:
-        """The snapshot once `record_step` committed `stored`: the same rules as
-        `_record_step_txn` applies in SQL, applied to the history in memory (a test checks
-        the two agree on random sequences of commits)."""
+                     variables: list[StoredVariable], step_bytes: int,
+                     supersede_from: int | None, stale_after: int | None) -> _Snapshot:
+        """The snapshot once `record_step` committed `stored` (its outputs and inline values
+        taking `step_bytes`): the rules `_record_step_txn` applies in SQL, applied to the
+        history in memory (a test checks the two agree on random sequences of commits)."""
         failure_aside = stored.superseded_at is not None
-        key = (stored.sequence_number, stored.revision)
         if supersede_from is None and stale_after is None and not failure_aside \
                 and (not self.history or self.history[-1].sequence_number < stored.sequence_number):
             # The common case, a new step at the end: no pass over the whole history.
+            history = (*self.history, stored)
             outputs_kept, variables_kept = dict(self.outputs), dict(self.variables)
-            if stored.status == COMPLETED and _step_bytes(outputs, variables) <= SNAPSHOT_STEP_BYTES:
-                outputs_kept[key], variables_kept[key] = list(outputs), variables
-            return _Snapshot(self.token, (*self.history, stored), outputs_kept, variables_kept)
-        history = list(self.history)
-        if stale_after is not None:
-            history = [replace(step, status=STALE) if step.sequence_number > stale_after else step
-                       for step in history]
-        if supersede_from is not None:
-            history = [step for step in history if step.sequence_number < supersede_from]
-        if not failure_aside:
-            history = sorted([step for step in history
-                              if step.sequence_number != stored.sequence_number] + [stored],
-                             key=lambda step: step.sequence_number)
-        live = {(step.sequence_number, step.revision) for step in history
-                if step.status == COMPLETED}
-        kept_outputs = {key: value for key, value in self.outputs.items() if key in live}
-        kept_variables = {key: value for key, value in self.variables.items() if key in live}
-        if key in live and _step_bytes(outputs, variables) <= SNAPSHOT_STEP_BYTES:
-            kept_outputs[key] = list(outputs)
-            kept_variables[key] = variables
-        return _Snapshot(self.token, tuple(history), kept_outputs, kept_variables)
+        else:
+            steps = list(self.history)
+            if stale_after is not None:
+                steps = [replace(step, status=STALE) if step.sequence_number > stale_after
+                         else step for step in steps]
+            if supersede_from is not None:
+                steps = [step for step in steps if step.sequence_number < supersede_from]
+            if not failure_aside:
+                steps = sorted([step for step in steps
+                                if step.sequence_number != stored.sequence_number] + [stored],
+                               key=lambda step: step.sequence_number)
+            history = tuple(steps)
+            live = {(step.sequence_number, step.revision) for step in history
+                    if step.status == COMPLETED}
+            outputs_kept = {key: value for key, value in self.outputs.items() if key in live}
+            variables_kept = {key: value for key, value in self.variables.items() if key in live}
+        if stored.status == COMPLETED and not failure_aside and step_bytes <= SNAPSHOT_STEP_BYTES:
+            key = (stored.sequence_number, stored.revision)
+            outputs_kept[key], variables_kept[key] = list(outputs), variables
+        return _Snapshot(self.token, history, outputs_kept, variables_kept)
 
 
 # A completed step whose outputs and inline values take more than this is not kept in the
 # snapshot: it is read when it replays, so a long workflow does not hold every output.
 SNAPSHOT_STEP_BYTES = 64 * 1024
-
-
-def _step_bytes(outputs: Sequence[StoredOutput], variables: Sequence[StoredVariable]) -> int:
-    return sum(len(json.dumps(item.output)) for item in outputs) + sum(
-        memoryview(chunk).nbytes for variable in variables for chunk in variable.chunks
-        if not isinstance(chunk, BlobReference))
 
 
 def _placed_variables(variables: Sequence[StoredVariable],

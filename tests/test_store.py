@@ -292,3 +292,22 @@ def test_the_history_kept_in_memory_after_commits_equals_a_fresh_read(
                     assert kept_outputs == fresh_outputs and kept_variables == fresh_variables
     finally:
         store.database.release()
+
+
+def test_the_database_file_and_payload_folder_are_the_whole_store_at_rest(tmp_path: Path) -> None:
+    import shutil
+
+    path = tmp_path / "s.duckdb"
+    flow = Workflow("wf", db=path)
+    flow.run_cell("small", "rows = [1, 2, 3]")
+    flow.run_cell("large", "import os\nblob = os.urandom(2_000_000)")
+    flow.executor.close()  # as when the kernel goes idle: the lingering connection closes
+    assert not (tmp_path / "s.duckdb.wal").exists()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(path, copy / "s.duckdb")  # a backup of the file alone, plus the payloads
+    shutil.copytree(tmp_path / "s.duckdb.blobs", copy / "s.duckdb.blobs")
+    again = Workflow("wf", db=copy / "s.duckdb")
+    again.run_cell("small", "rows = [1, 2, 3]")
+    again.run_cell("large", "import os\nblob = os.urandom(2_000_000)")
+    assert again.namespace["blob"] == flow.namespace["blob"]  # replayed, not drawn again
