@@ -8,12 +8,15 @@ notebook) can then use the same file while the notebook is idle.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
 import re
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -23,7 +26,7 @@ from .errors import StoreCorruptError, StoreError, StoreLockedError, StoreVersio
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_LOCK_TIMEOUT = 30.0
 
 # Rows are keyed by (workflow_id, sequence_number, revision): a position in the logical
@@ -75,9 +78,10 @@ _SCHEMA_V1 = [
         blob_sha256 VARCHAR)""",
 ]
 
-# Migrations from version N to N+1, each applied in one transaction. A new store is made
-# at version 1 and migrated forward, so every store takes the same path.
-_MIGRATIONS: dict[int, list[str]] = {
+# Migrations from version N to N+1, each applied in one transaction: SQL statements, or a
+# function of the connection. A new store is made at version 1 and migrated forward, so
+# every store takes the same path.
+_MIGRATIONS: dict[int, list[str] | Callable[[Connection], None]] = {
     # 2: input fingerprints, retries, cell ids, value digests; status 'stale'.
     1: [
         "ALTER TABLE steps ADD COLUMN inputs VARCHAR NOT NULL DEFAULT '{}'",
@@ -86,7 +90,82 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE steps ADD COLUMN cell_id VARCHAR",
         "ALTER TABLE step_variables ADD COLUMN content_digest VARCHAR",
     ],
+    # 3: a step is one row (one INSERT per commit, ~3x cheaper than four tables).
+    2: lambda connection: _fold_step_tables(connection),
 }
+
+# Version 3 keeps each step's outputs and state in its `steps` row:
+# - outputs: a JSON array of the step's outputs as nbformat writes them;
+# - output_transients: NULL, or a JSON object {output index: transient part (display_id)};
+# - variables: a JSON array of {"name", "codec", "type", "digest", "size", "chunks"}, each
+#   chunk [size in bytes, payload file's sha256 or null, integrity check or null];
+# - inline_data: the chunks without a payload file, one after another, in that order.
+_FOLD_COLUMNS = [
+    "ALTER TABLE steps ADD COLUMN outputs VARCHAR NOT NULL DEFAULT '[]'",
+    "ALTER TABLE steps ADD COLUMN output_transients VARCHAR",
+    "ALTER TABLE steps ADD COLUMN variables VARCHAR NOT NULL DEFAULT '[]'",
+    "ALTER TABLE steps ADD COLUMN inline_data BLOB",
+]
+
+
+def _fold_step_tables(connection: Connection) -> None:
+    """Migration 2 -> 3: move each step's output, variable and chunk rows into its row."""
+    for statement in _FOLD_COLUMNS:
+        connection.execute(statement)
+    key = "workflow_id, sequence_number, revision"
+    outputs: dict[tuple[Any, ...], list[Any]] = {}
+    transients: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for *where, index, output, transient in connection.execute(
+            f"SELECT {key}, output_index, output_json, transient_json FROM step_outputs "
+            f"ORDER BY {key}, output_index").fetchall():
+        items = outputs.setdefault(tuple(where), [])
+        if transient:
+            transients.setdefault(tuple(where), {})[str(len(items))] = json.loads(transient)
+        items.append(json.loads(output))
+    chunks: dict[tuple[Any, ...], list[tuple[int, bytes | None, str | None]]] = {}
+    for *where, size, data, blob in connection.execute(
+            f"SELECT {key}, variable_name, size_bytes, data, blob_sha256 FROM variable_chunks "
+            f"ORDER BY {key}, variable_name, chunk_index").fetchall():
+        chunks.setdefault(tuple(where), []).append((size, data, blob))
+    variables: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    inline: dict[tuple[Any, ...], list[bytes]] = {}
+    for *where, name, codec, kind, size, digest in connection.execute(
+            f"SELECT {key}, variable_name, codec, type_name, size_bytes, content_digest "
+            f"FROM step_variables ORDER BY {key}, variable_name").fetchall():
+        mine = chunks.get((*where, name), [])
+        variables.setdefault(tuple(where), []).append({
+            "name": name, "codec": codec, "type": kind, "digest": digest, "size": size,
+            "chunks": [[chunk_size, blob, None if data is None else integrity_check(data, index)]
+                       for index, (chunk_size, data, blob) in enumerate(mine)]})
+        inline.setdefault(tuple(where), []).extend(data for _, data, _ in mine if data is not None)
+    for where in set(outputs) | set(variables):
+        connection.execute(
+            "UPDATE steps SET outputs = ?, output_transients = ?, variables = ?, inline_data = ? "
+            "WHERE workflow_id = ? AND sequence_number = ? AND revision = ?",
+            [json.dumps(outputs.get(where, [])),
+             json.dumps(transients[where]) if where in transients else None,
+             json.dumps(variables.get(where, [])),
+             b"".join(inline.get(where, [])) or None, *where])
+    for table in ("variable_chunks", "step_variables", "step_outputs"):
+        connection.execute(f"DROP TABLE {table}")
+
+
+def integrity_check(data: Any, index: int) -> str:
+    """What a chunk's bytes are checked against before they are used.
+
+    A chunk that pickle reads (the first two of a value: header and stream) gets SHA-256,
+    so that nothing reaches the unpickler but the bytes recorded; raw memory (an array's
+    buffer, which pickle never interprets) gets CRC-32, which catches corruption at
+    ~6 GB/s where SHA-256 runs at ~2 GB/s.
+    """
+    if index < 2:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+    return f"crc32:{zlib.crc32(data):08x}"
+
+
+def check_integrity(data: Any, check: str | None, index: int) -> bool:
+    """Whether a chunk's bytes match the check recorded for them (`integrity_check`)."""
+    return check is None or integrity_check(data, index) == check
 
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?)(?:\. See also|$)")
 
@@ -297,11 +376,15 @@ class Database:
         return int(row[0])
 
     @staticmethod
-    def _apply(connection: Connection, statements: Sequence[str], version: int) -> None:
+    def _apply(connection: Connection, statements: Sequence[str] | Callable[[Connection], None],
+               version: int) -> None:
         connection.begin()
         try:
-            for statement in statements:
-                connection.execute(statement)
+            if callable(statements):
+                statements(connection)
+            else:
+                for statement in statements:
+                    connection.execute(statement)
             connection.execute(
                 "INSERT OR REPLACE INTO durable_nb_meta VALUES ('schema_version', ?)", [str(version)]
             )

@@ -60,6 +60,17 @@ class StoreVersionError(StoreError):
         )
 
 
+class PayloadCorruptError(DurableError):
+    """A recorded value's bytes fail the check written with them: never unpickled."""
+
+    def __init__(self, where: str, variable: str, detail: str) -> None:
+        self.where = where
+        self.variable = variable
+        name = "the step's state" if variable.startswith("(") else f"{variable!r}"
+        super().__init__(f"The record of {where} is damaged: {name}: {detail}. Nothing of it was "
+                         "used; the step executes again and records it afresh.")
+
+
 class UnknownStepError(StoreError):
     def __init__(self, path: str, workflow_id: str, step_name: str, known: list[str]) -> None:
         self.workflow_id = workflow_id

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
-from .db import Connection, Database, atomic, fetch_dicts
-from .errors import UnknownStepError
+from .db import Connection, Database, atomic, check_integrity, fetch_dicts, integrity_check
+from .errors import PayloadCorruptError, UnknownStepError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class BlobReference:
 
     sha256: str
     size_bytes: int
+    check: str | None = None  # see db.integrity_check; None: the file's SHA-256 is its name
 
 
 # What a stored variable holds: bytes in hand, or a reference to a payload file.
@@ -111,6 +112,9 @@ class StoredVariable:
     chunks: tuple[StoredChunk, ...]
     content_digest: str | None = None  # fingerprint.value_digest of the value, when known
     stored_size: int | None = None  # bytes it takes in the step's stream, when it has no chunks
+    # Of inline chunks, as read back (db.integrity_check); payload files carry their own.
+    checks: tuple[str | None, ...] = ()
+    where: str = ""  # the step it belongs to, for messages ("step 'train' (#3)")
 
     @property
     def holds_a_variable(self) -> bool:
@@ -173,8 +177,8 @@ class StepStore:
     def all_steps(self, workflow_id: str) -> list[StepRecord]:
         """Every record, superseded ones included, by position then revision."""
         with self.database.connect() as connection:
-            rows = fetch_dicts(connection, "SELECT * FROM steps WHERE workflow_id = ? "
-                               "ORDER BY sequence_number, revision", [workflow_id])
+            rows = fetch_dicts(connection, f"SELECT {_RECORD_COLUMNS} FROM steps WHERE "
+                               "workflow_id = ? ORDER BY sequence_number, revision", [workflow_id])
         return [_record_from_row(row) for row in rows]
 
     def read_step(self, record: StepRecord) -> tuple[list[StoredOutput], list[StoredVariable]]:
@@ -187,9 +191,13 @@ class StepStore:
             # (images, tables) longer than needed.
             return snapshot.outputs.pop(key), snapshot.variables.pop(key, [])
         with self.database.connect() as connection:
-            outputs = self._read_outputs_txn(connection, record)
-            variables = self._read_variables_txn(connection, record)
-        return outputs, variables
+            row = connection.execute(
+                "SELECT outputs, output_transients, variables, inline_data FROM steps "
+                "WHERE workflow_id = ? AND sequence_number = ? AND revision = ?",
+                [record.workflow_id, record.sequence_number, record.revision]).fetchone()
+        if row is None:
+            return [], []
+        return _outputs_from_row(row[0], row[1]), _variables_from_row(record, row[2], row[3])
 
     def list_workflows(self) -> list[WorkflowSummary]:
         with self.database.connect() as connection:
@@ -234,29 +242,22 @@ class StepStore:
         after that position stale (in the history, never replayed). A failed record never
         replaces a completed one: it is kept beside it, superseded.
         """
-        chunk_rows = [
-            (variable.name, index, chunk_size, inline, blob)
-            for variable in variables
-            for index, (chunk_size, inline, blob) in enumerate(self._place_chunks(variable.chunks))
-        ]
-        # Each output serialised once: for its row, and to size the step for the snapshot.
-        output_rows = [(item.output["output_type"], json.dumps(item.output),
-                        json.dumps(item.transient) if item.transient else None)
-                       for item in outputs]
+        placed = _Placed.of(self, variables, outputs)
         previous = self._snapshots.pop(record.workflow_id, None)
         self._snapshots.clear()
         with self.database.connect() as connection:
             # Holding the lock: nobody else can write, so a snapshot that matches the files
             # now can be brought up to date in memory, without reading the history back.
             current = previous is not None and previous.token == self.database.file_state()
+            # Nothing was ever recorded at a position past the snapshot's last one.
+            untouched = current and previous is not None \
+                and record.sequence_number > previous.last_position
             with atomic(connection):
-                stored = self._record_step_txn(connection, record, output_rows, variables,
-                                               chunk_rows, supersede_from, stale_after)
+                stored = self._record_step_txn(connection, record, placed, supersede_from,
+                                               stale_after, untouched)
             if current and previous is not None:
-                step_bytes = sum(len(row[1]) for row in output_rows) + sum(
-                    row[2] for row in chunk_rows if row[3] is not None)
-                snapshot = previous.after_commit(stored, outputs, _placed_variables(
-                    variables, chunk_rows), step_bytes, supersede_from, stale_after)
+                snapshot = previous.after_commit(stored, outputs, placed.read_back(stored),
+                                                 placed.step_bytes, supersede_from, stale_after)
             else:
                 snapshot = self._read_snapshot_txn(connection, record.workflow_id)
             token = self.database.file_state()
@@ -289,9 +290,9 @@ class StepStore:
         if not os.path.isdir(self.blob_dir):
             return 0
         with self.database.connect() as connection:
-            referenced = {row[0] for row in connection.execute(
-                "SELECT DISTINCT blob_sha256 FROM variable_chunks WHERE blob_sha256 IS NOT NULL"
-            ).fetchall()}
+            referenced = {chunk[1] for (variables,) in connection.execute(
+                "SELECT variables FROM steps WHERE variables <> '[]'").fetchall()
+                for variable in json.loads(variables) for chunk in variable["chunks"] if chunk[1]}
         removed = 0
         cutoff = time.time() - grace_seconds
         for directory, _, files in os.walk(self.blob_dir):
@@ -335,16 +336,20 @@ class StepStore:
                 read += count
             return view
 
-    def _place_chunks(self, chunks: Iterable[StoredChunk]) -> list[tuple[int, bytes | None, str | None]]:
-        placed: list[tuple[int, bytes | None, str | None]] = []
-        for chunk in chunks:
+    def _place_chunks(self, chunks: Iterable[StoredChunk]) -> list[tuple[int, bytes | None, str | None, str]]:
+        """Each chunk as (size, its bytes if kept in the row, its payload file, its check);
+        payload files are written and fsynced here, before the commit that refers to them."""
+        placed: list[tuple[int, bytes | None, str | None, str]] = []
+        for index, chunk in enumerate(chunks):
             if isinstance(chunk, BlobReference):
                 raise TypeError("a chunk to record must be bytes, not a stored reference")
             view = memoryview(chunk).cast("B")
             if view.nbytes <= self.inline_limit:
-                placed.append((view.nbytes, view.tobytes(), None))
+                placed.append((view.nbytes, view.tobytes(), None, integrity_check(view, index)))
             else:
-                placed.append((view.nbytes, None, self._write_blob(view)))
+                sha256 = self._write_blob(view)
+                check = "sha256:" + sha256 if index < 2 else integrity_check(view, index)
+                placed.append((view.nbytes, None, sha256, check))
         return placed
 
     def _write_blob(self, view: memoryview) -> str:
@@ -373,80 +378,35 @@ class StepStore:
 
     # -- transactions (each takes the connection) ---------------------------------------
 
-    @staticmethod
-    def _live_steps_txn(connection: Connection, workflow_id: str) -> list[StepRecord]:
-        rows = fetch_dicts(connection, "SELECT * FROM steps WHERE workflow_id = ? AND "
-                           "superseded_at IS NULL ORDER BY sequence_number", [workflow_id])
-        return [_record_from_row(row) for row in rows]
-
     def _read_snapshot_txn(self, connection: Connection, workflow_id: str) -> _Snapshot:
-        history = self._live_steps_txn(connection, workflow_id)
-        parameters = {"workflow": workflow_id, "limit": SNAPSHOT_STEP_BYTES}
-        # The live completed steps whose outputs and inline values are small enough to keep.
-        small = (
-            "WITH sizes AS (SELECT sequence_number, revision, sum(n) AS n FROM ("
-            "  SELECT sequence_number, revision, length(output_json) AS n FROM step_outputs"
-            "  WHERE workflow_id = $workflow UNION ALL"
-            "  SELECT sequence_number, revision, size_bytes FROM variable_chunks"
-            "  WHERE workflow_id = $workflow AND data IS NOT NULL) GROUP BY ALL), "
-            "small AS (SELECT s.sequence_number, s.revision FROM steps s LEFT JOIN sizes "
-            "  USING (sequence_number, revision) WHERE s.workflow_id = $workflow AND "
-            "  s.superseded_at IS NULL AND s.status = 'completed' AND coalesce(sizes.n, 0) <= $limit) ")
-        in_small = "FROM small JOIN {table} t USING (sequence_number, revision) WHERE t.workflow_id = $workflow"
-        outputs: dict[tuple[int, int], list[StoredOutput]] = {
-            (sequence_number, revision): [] for sequence_number, revision in connection.execute(
-                small + "SELECT * FROM small", parameters).fetchall()}
-        for sequence_number, revision, output, transient in connection.execute(
-                small + "SELECT t.sequence_number, t.revision, t.output_json, t.transient_json "
-                + in_small.format(table="step_outputs") + " ORDER BY t.sequence_number, t.output_index",
-                parameters).fetchall():
-            outputs[(sequence_number, revision)].append(
-                StoredOutput(json.loads(output), json.loads(transient) if transient else None))
-        chunks: dict[tuple[int, int, str], list[StoredChunk]] = {}
-        for sequence_number, revision, name, size_bytes, data, blob in connection.execute(
-                small + "SELECT t.sequence_number, t.revision, t.variable_name, t.size_bytes, t.data, "
-                "t.blob_sha256 " + in_small.format(table="variable_chunks")
-                + " ORDER BY t.sequence_number, t.variable_name, t.chunk_index", parameters).fetchall():
-            chunks.setdefault((sequence_number, revision, name), []).append(
-                data if blob is None else BlobReference(blob, size_bytes))
-        variables: dict[tuple[int, int], list[StoredVariable]] = {key: [] for key in outputs}
-        for sequence_number, revision, name, codec, kind, digest, size in connection.execute(
-                small + "SELECT t.sequence_number, t.revision, t.variable_name, t.codec, t.type_name, "
-                "t.content_digest, t.size_bytes " + in_small.format(table="step_variables")
-                + " ORDER BY t.sequence_number, t.variable_name", parameters).fetchall():
-            variables[(sequence_number, revision)].append(_variable(
-                name, codec, kind, chunks.get((sequence_number, revision, name), []), digest, size))
-        return _Snapshot(None, tuple(history), outputs, variables)
+        """The live history, with the outputs and inline chunks of the completed steps small
+        enough to keep (SNAPSHOT_STEP_BYTES), in one query."""
+        small = ("status = 'completed' AND length(outputs) + coalesce(octet_length(inline_data), 0)"
+                 " <= $limit")
+        cursor = connection.execute(
+            f"SELECT {_RECORD_COLUMNS}, {small} AS small, CASE WHEN {small} THEN outputs END, "
+            f"CASE WHEN {small} THEN output_transients END, CASE WHEN {small} THEN variables END, "
+            f"CASE WHEN {small} THEN inline_data END FROM steps WHERE workflow_id = $workflow "
+            "AND superseded_at IS NULL ORDER BY sequence_number",
+            {"workflow": workflow_id, "limit": SNAPSHOT_STEP_BYTES})
+        columns = [description[0] for description in cursor.description][:-5]
+        history: list[StepRecord] = []
+        outputs: dict[tuple[int, int], list[StoredOutput]] = {}
+        variables: dict[tuple[int, int], list[StoredVariable]] = {}
+        for row in cursor.fetchall():
+            record = _record_from_row(dict(zip(columns, row)))
+            history.append(record)
+            if row[-5]:
+                key = (record.sequence_number, record.revision)
+                outputs[key] = _outputs_from_row(row[-4], row[-3])
+                variables[key] = _variables_from_row(record, row[-2], row[-1])
+        (last,) = connection.execute("SELECT coalesce(max(sequence_number), 0) FROM steps "
+                                     "WHERE workflow_id = ?", [workflow_id]).fetchone() or (0,)
+        return _Snapshot(None, tuple(history), outputs, variables, int(last))
 
-    @staticmethod
-    def _read_outputs_txn(connection: Connection, record: StepRecord) -> list[StoredOutput]:
-        rows = connection.execute(
-            "SELECT output_json, transient_json FROM step_outputs WHERE workflow_id = ? AND "
-            "sequence_number = ? AND revision = ? ORDER BY output_index",
-            [record.workflow_id, record.sequence_number, record.revision]).fetchall()
-        return [StoredOutput(json.loads(output), json.loads(transient) if transient else None)
-                for output, transient in rows]
-
-    def _read_variables_txn(self, connection: Connection, record: StepRecord) -> list[StoredVariable]:
-        key = [record.workflow_id, record.sequence_number, record.revision]
-        variables = connection.execute(
-            "SELECT variable_name, codec, type_name, content_digest, size_bytes FROM "
-            "step_variables WHERE workflow_id = ? AND sequence_number = ? AND revision = ? "
-            "ORDER BY variable_name", key).fetchall()
-        chunks: dict[str, list[StoredChunk]] = {name: [] for name, *_ in variables}
-        for name, size_bytes, data, blob in connection.execute(
-                "SELECT variable_name, size_bytes, data, blob_sha256 FROM variable_chunks "
-                "WHERE workflow_id = ? AND sequence_number = ? AND revision = ? "
-                "ORDER BY variable_name, chunk_index", key).fetchall():
-            chunks[name].append(data if blob is None else BlobReference(blob, size_bytes))
-        return [_variable(name, codec, type_name, chunks[name], digest, size)
-                for name, codec, type_name, digest, size in variables]
-
-    def _record_step_txn(self, connection: Connection, record: StepRecord,
-                         output_rows: list[tuple[str, str, str | None]],
-                         variables: Sequence[StoredVariable],
-                         chunk_rows: list[tuple[str, int, int, bytes | None, str | None]],
-                         supersede_from: int | None, stale_after: int | None) -> StepRecord:
+    def _record_step_txn(self, connection: Connection, record: StepRecord, placed: _Placed,
+                         supersede_from: int | None, stale_after: int | None,
+                         untouched: bool) -> StepRecord:
         workflow_id, sequence_number = record.workflow_id, record.sequence_number
         if stale_after is not None:
             connection.execute(
@@ -457,7 +417,7 @@ class StepStore:
                 "UPDATE steps SET superseded_at = ? WHERE workflow_id = ? AND "
                 "sequence_number >= ? AND superseded_at IS NULL",
                 [utc_now(), workflow_id, supersede_from])
-        rows = connection.execute(
+        rows = [] if untouched else connection.execute(
             "SELECT revision, status, step_name, superseded_at IS NULL FROM steps "
             "WHERE workflow_id = ? AND sequence_number = ?", [workflow_id, sequence_number]).fetchall()
         live = [(revision, status) for revision, status, _, is_live in rows if is_live]
@@ -471,45 +431,25 @@ class StepStore:
                   if (not is_live and status == FAILED and name == record.step_name)
                   or (is_live and not failure_aside)]
         if doomed:
-            self._delete_revisions_txn(connection, workflow_id, sequence_number, doomed)
-        stored = replace(record, revision=revision,
-                         state_bytes=sum(size for _, _, size, _, _ in chunk_rows),
+            connection.execute("DELETE FROM steps WHERE workflow_id = ? AND sequence_number = ? "
+                               "AND list_contains(?, revision)", [workflow_id, sequence_number, doomed])
+        stored = replace(record, revision=revision, state_bytes=placed.state_bytes,
                          superseded_at=utc_now() if failure_aside else None)
-        connection.execute(
-            "INSERT INTO steps (workflow_id, sequence_number, revision, step_name, status, "
-            "code_fingerprint, code, reason, error, started_at, finished_at, duration_seconds, "
-            "state_bytes, unrestorable, inputs, attempts, attempt_errors, cell_id, superseded_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [workflow_id, sequence_number, revision, stored.step_name, stored.status,
-             stored.code_fingerprint, stored.code, stored.reason, stored.error, stored.started_at,
-             stored.finished_at, stored.duration_seconds, stored.state_bytes,
-             json.dumps(stored.unrestorable), json.dumps(stored.inputs), stored.attempts,
-             json.dumps(stored.attempt_errors), stored.cell_id, stored.superseded_at])
-        key = [workflow_id, sequence_number, revision]
-        _insert_rows(connection, "step_outputs", _OUTPUT_COLUMNS,
-                     [key + [index, *row] for index, row in enumerate(output_rows)])
-        _insert_rows(connection, "step_variables", _VARIABLE_COLUMNS, [
-            key + [variable.name, variable.codec, variable.type_name, variable.size_bytes,
-                   variable.content_digest] for variable in variables])
-        _insert_rows(connection, "variable_chunks", _CHUNK_COLUMNS,
-                     [key + list(row) for row in chunk_rows])
+        values = {**{column: getattr(stored, column) for column in _PLAIN_COLUMNS},
+                  **{column: json.dumps(getattr(stored, column)) for column in _JSON_COLUMNS},
+                  "outputs": placed.outputs_json, "output_transients": placed.transients_json,
+                  "variables": placed.variables_json, "inline_data": placed.inline_data}
+        connection.execute(f"INSERT INTO steps ({', '.join(values)}) VALUES "
+                           f"({', '.join('?' * len(values))})", list(values.values()))
         return stored
-
-    @staticmethod
-    def _delete_revisions_txn(connection: Connection, workflow_id: str, sequence_number: int,
-                              revisions: list[int]) -> None:
-        for table in ("variable_chunks", "step_variables", "step_outputs", "steps"):
-            connection.execute(f"DELETE FROM {table} WHERE workflow_id = ? AND sequence_number = ? "
-                               "AND list_contains(?, revision)", [workflow_id, sequence_number, revisions])
 
     @staticmethod
     def _delete_txn(connection: Connection, workflow_id: str, from_sequence_number: int) -> int:
         (count,) = connection.execute(
             "SELECT count(*) FROM steps WHERE workflow_id = ? AND sequence_number >= ?",
             [workflow_id, from_sequence_number]).fetchone() or (0,)
-        for table in ("variable_chunks", "step_variables", "step_outputs", "steps"):
-            connection.execute(f"DELETE FROM {table} WHERE workflow_id = ? AND sequence_number >= ?",
-                               [workflow_id, from_sequence_number])
+        connection.execute("DELETE FROM steps WHERE workflow_id = ? AND sequence_number >= ?",
+                           [workflow_id, from_sequence_number])
         return int(count)
 
 
@@ -569,6 +509,7 @@ class _Snapshot:
     # when they replay.
     outputs: dict[tuple[int, int], list[StoredOutput]]
     variables: dict[tuple[int, int], list[StoredVariable]]
+    last_position: int = 0  # the highest position of any record, superseded ones included
 
     @functools.cached_property
     def by_name(self) -> dict[str, StepRecord]:
@@ -609,7 +550,8 @@ class _Snapshot:
         if stored.status == COMPLETED and not failure_aside and step_bytes <= SNAPSHOT_STEP_BYTES:
             key = (stored.sequence_number, stored.revision)
             outputs_kept[key], variables_kept[key] = list(outputs), variables
-        return _Snapshot(self.token, history, outputs_kept, variables_kept)
+        return _Snapshot(self.token, history, outputs_kept, variables_kept,
+                         max(self.last_position, stored.sequence_number))
 
 
 # A completed step whose outputs and inline values take more than this is not kept in the
@@ -617,16 +559,78 @@ class _Snapshot:
 SNAPSHOT_STEP_BYTES = 64 * 1024
 
 
-def _placed_variables(variables: Sequence[StoredVariable],
-                      chunk_rows: list[tuple[str, int, int, bytes | None, str | None]]
-                      ) -> list[StoredVariable]:
-    """The variables as a read gives them back: chunks inline, or payload file references."""
-    placed: dict[str, list[StoredChunk]] = {}
-    for name, _, size, inline, blob in chunk_rows:
-        placed.setdefault(name, []).append(inline if blob is None else BlobReference(blob, size))
-    return sorted((replace(variable, chunks=tuple(placed.get(variable.name, ())),
-                           stored_size=variable.size_bytes if not variable.chunks else None)
-                   for variable in variables), key=lambda variable: variable.name)
+@dataclass
+class _Placed:
+    """A step's outputs and variables as its row holds them (see db.py, version 3), its
+    payload files written: each output serialised once, for the row and to size the step."""
+
+    variables: Sequence[StoredVariable]
+    chunks: dict[str, list[tuple[int, bytes | None, str | None, str]]]
+    outputs_json: str
+    transients_json: str | None
+    variables_json: str
+    inline_data: bytes | None
+
+    @classmethod
+    def of(cls, store: StepStore, variables: Sequence[StoredVariable],
+           outputs: Sequence[StoredOutput]) -> _Placed:
+        ordered = sorted(variables, key=lambda variable: variable.name)
+        chunks = {variable.name: store._place_chunks(variable.chunks) for variable in ordered}
+        transients = {str(index): item.transient for index, item in enumerate(outputs)
+                      if item.transient}
+        return cls(
+            ordered, chunks, json.dumps([item.output for item in outputs]),
+            json.dumps(transients) if transients else None,
+            json.dumps([{"name": variable.name, "codec": variable.codec,
+                         "type": variable.type_name, "digest": variable.content_digest,
+                         "size": variable.size_bytes,
+                         "chunks": [[size, blob, check] for size, _, blob, check in chunks[variable.name]]}
+                        for variable in ordered]),
+            b"".join(data for placed in chunks.values() for _, data, _, _ in placed
+                     if data is not None) or None)
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(size for placed in self.chunks.values() for size, _, _, _ in placed)
+
+    @property
+    def step_bytes(self) -> int:
+        """What the step takes in the row: outputs and inline chunks (SNAPSHOT_STEP_BYTES)."""
+        return len(self.outputs_json) + len(self.inline_data or b"")
+
+    def read_back(self, record: StepRecord) -> list[StoredVariable]:
+        """The variables as a read gives them back: chunks inline, or payload file references."""
+        return _variables_from_row(record, self.variables_json, self.inline_data)
+
+
+def _outputs_from_row(outputs: str, transients: str | None) -> list[StoredOutput]:
+    found = json.loads(transients) if transients else {}
+    return [StoredOutput(output, found.get(str(index)))
+            for index, output in enumerate(json.loads(outputs))]
+
+
+def _variables_from_row(record: StepRecord, variables: str, inline_data: bytes | None
+                        ) -> list[StoredVariable]:
+    where = f"step {record.step_name!r} (#{record.sequence_number})"
+    result: list[StoredVariable] = []
+    offset = 0
+    for item in json.loads(variables):
+        chunks: list[StoredChunk] = []
+        checks: list[str | None] = []
+        for size, blob, check in item["chunks"]:
+            if blob is None:
+                data = (inline_data or b"")[offset:offset + size]
+                offset += size
+                if len(data) != size:
+                    raise PayloadCorruptError(where, item["name"], "its stored bytes are cut short")
+                chunks.append(data)
+            else:
+                chunks.append(BlobReference(blob, size, check))
+            checks.append(check)
+        result.append(StoredVariable(item["name"], item["codec"], item["type"], tuple(chunks),
+                                     item["digest"], None if chunks else int(item["size"]),
+                                     tuple(checks), where))
+    return result
 
 
 def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
@@ -634,39 +638,34 @@ def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
 
     Every chunk after the first (the pickle stream) backs an object's memory, such as a
     numpy array's data: it comes as a fresh bytearray so the restored object is writable.
+    Each chunk is checked against what was recorded at commit (db.integrity_check) before
+    anything uses it: PayloadCorruptError names the step and variable otherwise.
     """
     chunks: list[Chunk] = []
     for index, chunk in enumerate(variable.chunks):
         if isinstance(chunk, BlobReference):
-            chunks.append(store.read_blob(chunk.sha256, chunk.size_bytes))
+            data: Chunk = store.read_blob(chunk.sha256, chunk.size_bytes)
+            check = chunk.check or "sha256:" + chunk.sha256
+            if not check_integrity(data, check, 0 if chunk.check is None else index):
+                raise PayloadCorruptError(variable.where, variable.name,
+                                          f"its payload file {store.blob_path(chunk.sha256)} "
+                                          "does not hold the bytes recorded")
         else:
-            chunks.append(bytearray(chunk) if index else chunk)
+            check = variable.checks[index] if index < len(variable.checks) else None
+            if not check_integrity(chunk, check, index):
+                raise PayloadCorruptError(variable.where, variable.name,
+                                          "its stored bytes do not match their recorded check")
+            data = bytearray(chunk) if index else chunk
+        chunks.append(data)
     return chunks
 
 
-_OUTPUT_COLUMNS = ("workflow_id", "sequence_number", "revision", "output_index", "output_type",
-                   "output_json", "transient_json")
-_VARIABLE_COLUMNS = ("workflow_id", "sequence_number", "revision", "variable_name", "codec",
-                     "type_name", "size_bytes", "content_digest")
-_CHUNK_COLUMNS = ("workflow_id", "sequence_number", "revision", "variable_name", "chunk_index",
-                  "size_bytes", "data", "blob_sha256")
-
-
-def _insert_rows(connection: Connection, table: str, columns: tuple[str, ...],
-                 rows: list[list[Any]]) -> None:
-    """One INSERT for all rows, naming its columns (a migration cannot misalign them);
-    DuckDB's executemany runs a statement per row."""
-    if not rows:
-        return
-    row = "(" + ", ".join("?" * len(columns)) + ")"
-    connection.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
-                       + ", ".join([row] * len(rows)), [value for item in rows for value in item])
-
-
-def _variable(name: str, codec: str, type_name: str, chunks: list[StoredChunk],
-              digest: str | None, size: int) -> StoredVariable:
-    return StoredVariable(name, codec, type_name, tuple(chunks), digest,
-                          None if chunks else int(size))
+# StepRecord's fields, as `steps` columns: stored as they are, or as JSON.
+_JSON_COLUMNS = ("unrestorable", "inputs", "attempt_errors")
+_PLAIN_COLUMNS = ("workflow_id", "sequence_number", "revision", "step_name", "status",
+                  "code_fingerprint", "code", "reason", "error", "started_at", "finished_at",
+                  "duration_seconds", "state_bytes", "superseded_at", "attempts", "cell_id")
+_RECORD_COLUMNS = ", ".join(_PLAIN_COLUMNS + _JSON_COLUMNS)
 
 
 def _record_from_row(row: dict[str, Any]) -> StepRecord:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import duckdb
 import nbformat
@@ -235,83 +235,59 @@ def start_kill_kernel(kernel: Kernel) -> None:
     run_ok(kernel, KILL_SETUP_CELL + "\n" + inspect.getsource(describe))
 
 
-Rows = Callable[[str], list[tuple[Any, ...]]]
 KEY = "workflow_id, sequence_number, revision"
 
 
 def half_recorded_problems(store_path: Path) -> list[str]:
-    """Every way the store's rows disagree with each other or with the payload files."""
+    """Every way a step's row disagrees with itself or with the payload files."""
     StepStore(store_path).live_steps("any")  # opens the file as durable_nb does (replays the WAL)
     with duckdb.connect(str(store_path), read_only=True) as connection:
-        def rows(query: str) -> list[tuple[Any, ...]]:
-            return connection.execute(query).fetchall()
-
-        problems = orphan_problems(rows) + step_problems(rows) + variable_problems(rows)
-        for *where, size_bytes, data, sha256 in rows(
-                f"SELECT {KEY}, variable_name, chunk_index, size_bytes, data, blob_sha256 "
-                "FROM variable_chunks"):
-            problems += chunk_problems(store_path, where, size_bytes, data, sha256)
-    return problems
-
-
-def orphan_problems(rows: Rows) -> list[str]:
-    problems = [f"{table} rows {orphan} belong to no step"
-                for table in ("step_outputs", "step_variables", "variable_chunks")
-                for orphan in rows(f"SELECT DISTINCT {KEY} FROM {table} EXCEPT SELECT {KEY} FROM steps")]
-    return problems + [f"variable_chunks rows {orphan} belong to no variable" for orphan in rows(
-        f"SELECT DISTINCT {KEY}, variable_name FROM variable_chunks "
-        f"EXCEPT SELECT {KEY}, variable_name FROM step_variables")]
-
-
-def step_problems(rows: Rows) -> list[str]:
-    problems = []
-    same_step = ("t.workflow_id = s.workflow_id AND t.sequence_number = s.sequence_number "
-                 "AND t.revision = s.revision")
-    for *where, status, state_bytes, chunk_bytes, variable_count in rows(
-            f"SELECT {KEY}, status, state_bytes, "
-            f"(SELECT coalesce(sum(size_bytes), 0) FROM variable_chunks t WHERE {same_step}), "
-            f"(SELECT count(*) FROM step_variables t WHERE {same_step}) FROM steps s"):
+        rows = connection.execute(
+            f"SELECT {KEY}, status, state_bytes, outputs, variables, inline_data FROM steps").fetchall()
+    problems: list[str] = []
+    for *where, status, state_bytes, outputs, variables_json, inline_data in rows:
         if status not in ("completed", "failed"):
             problems.append(f"step {where} has status {status!r}")
-        if status == "completed" and variable_count == 0:
-            problems.append(f"completed step {where} has no step_variables rows")
-        if state_bytes != chunk_bytes:
-            problems.append(f"step {where} records {state_bytes} bytes, its chunks {chunk_bytes}")
+        if not isinstance(json.loads(outputs), list):
+            problems.append(f"step {where} has outputs {outputs[:80]!r}")
+        variables = json.loads(variables_json)
+        problems += variable_problems(where, variables)
+        chunks = [chunk for variable in variables for chunk in variable["chunks"]]
+        if state_bytes != sum(size for size, _, _ in chunks):
+            problems.append(f"step {where} records {state_bytes} bytes, its chunks "
+                            f"{sum(size for size, _, _ in chunks)}")
+        inline = sum(size for size, blob, _ in chunks if blob is None)
+        if inline != len(inline_data or b""):
+            problems.append(f"step {where} has {len(inline_data or b'')} inline bytes, its "
+                            f"chunks say {inline}")
+        if status == "completed" and not any(v["codec"] == "step-state" for v in variables):
+            problems.append(f"completed step {where} has no state stream")
+        for size, sha256, _ in chunks:
+            if sha256 is not None:
+                problems += payload_problems(store_path, where, size, sha256)
     return problems
 
 
-def variable_problems(rows: Rows) -> list[str]:
+def variable_problems(where: list[Any], variables: list[dict[str, Any]]) -> list[str]:
     problems = []
-    for *where, codec, size_bytes, indexes, chunk_bytes in rows(
-            f"SELECT {KEY}, variable_name, codec, v.size_bytes, "
-            "list(c.chunk_index ORDER BY c.chunk_index) FILTER (c.chunk_index IS NOT NULL), "
-            f"coalesce(sum(c.size_bytes), 0) FROM step_variables v LEFT JOIN variable_chunks c "
-            f"USING ({KEY}, variable_name) GROUP BY ALL"):
-        indexes = indexes or []
+    for variable in variables:
+        codec, chunks = variable["codec"], variable["chunks"]
         if codec in ("bound", "patched", "deleted"):
             # Its value lives in the step's state stream, which the step-state row holds.
-            if indexes:
-                problems.append(f"variable {where} ({codec}) has chunks of its own: {indexes}")
+            if chunks:
+                problems.append(f"variable {where} {variable['name']} ({codec}) has chunks of its own")
             continue
         if codec != "step-state":
-            problems.append(f"variable {where} has the unknown codec {codec!r}")
-        if indexes != list(range(len(indexes))) or not indexes:
-            problems.append(f"variable {where} has chunk indexes {indexes}")
-        if size_bytes != chunk_bytes:
-            problems.append(f"variable {where} records {size_bytes} bytes, its chunks {chunk_bytes}")
-    for where in rows(f"SELECT {KEY} FROM steps WHERE status = 'completed' EXCEPT "
-                      f"SELECT {KEY} FROM step_variables WHERE codec = 'step-state'"):
-        problems.append(f"completed step {where} has no state stream")
+            problems.append(f"variable {where} {variable['name']} has the unknown codec {codec!r}")
+        if not chunks:
+            problems.append(f"variable {where} {variable['name']} has no chunks")
+        if variable["size"] != sum(size for size, _, _ in chunks):
+            problems.append(f"variable {where} {variable['name']} records {variable['size']} "
+                            "bytes, not its chunks' sum")
     return problems
 
 
-def chunk_problems(store_path: Path, where: list[Any], size_bytes: int, data: bytes | None,
-                   sha256: str | None) -> list[str]:
-    if (data is None) == (sha256 is None):
-        return [f"chunk {where} has {'both' if data is not None else 'neither'} data and a payload file"]
-    if data is not None:
-        return [] if len(data) == size_bytes else [f"chunk {where} holds {len(data)} of {size_bytes} bytes"]
-    assert sha256 is not None
+def payload_problems(store_path: Path, where: list[Any], size_bytes: int, sha256: str) -> list[str]:
     payload = Path(f"{store_path}.blobs") / sha256[:2] / sha256
     if not payload.is_file():
         return [f"chunk {where} refers to the missing payload file {payload.name}"]

@@ -219,7 +219,7 @@ def test_a_step_recorded_by_an_earlier_durable_nb_executes_once_and_is_recorded_
     session.ok(cell)
     # What the store held before state streams: a pickle per variable.
     with duckdb.connect(str(session.store_path)) as connection:
-        connection.execute("UPDATE step_variables SET codec = 'pickle' WHERE codec = 'bound'")
+        connection.execute("""UPDATE steps SET variables = replace(variables, '"codec": "bound"', '"codec": "pickle"')""")
     session.store = type(session.store)(session.store_path)
     session.restart()
     with pytest.warns(DurableWarning, match=r"recorded by an earlier durable_nb.*executes instead"):

@@ -311,3 +311,83 @@ def test_the_database_file_and_payload_folder_are_the_whole_store_at_rest(tmp_pa
     again.run_cell("small", "rows = [1, 2, 3]")
     again.run_cell("large", "import os\nblob = os.urandom(2_000_000)")
     assert again.namespace["blob"] == flow.namespace["blob"]  # replayed, not drawn again
+
+
+def test_version_2_store_moves_outputs_and_chunks_into_step_rows(tmp_path: Path) -> None:
+    """A store as schema 2 wrote it (four tables, an inline chunk and a payload file) reads
+    back the same after the migration to one row per step."""
+    import hashlib
+
+    from durable_nb import db
+
+    path = tmp_path / "v2.duckdb"
+    array = np.arange(50_000, dtype=np.float64)
+    stream, buffer = encode("arr", array).chunks
+    payload = bytes(memoryview(buffer).cast("B"))
+    sha256 = hashlib.sha256(payload).hexdigest()
+    (tmp_path / "v2.duckdb.blobs" / sha256[:2]).mkdir(parents=True)
+    (tmp_path / "v2.duckdb.blobs" / sha256[:2] / sha256).write_bytes(payload)
+    with duckdb.connect(str(path)) as connection:
+        for statement in db._SCHEMA_V1 + db._MIGRATIONS[1]:  # type: ignore[operator]
+            connection.execute(statement)
+        connection.execute("INSERT INTO durable_nb_meta VALUES ('schema_version', '2')")
+        connection.execute(
+            "INSERT INTO steps (workflow_id, sequence_number, revision, step_name, status, "
+            "code_fingerprint, code, reason, started_at, finished_at, duration_seconds, "
+            "state_bytes, unrestorable) VALUES ('wf', 1, 1, 'load', 'completed', 'fp', 'x', "
+            "'new step', TIMESTAMP '2026-01-01', TIMESTAMP '2026-01-01', 2.5, ?, '{}')",
+            [len(stream) + len(payload)])
+        connection.execute(
+            "INSERT INTO step_outputs VALUES ('wf', 1, 1, 0, 'stream', ?, NULL), "
+            "('wf', 1, 1, 1, 'display_data', ?, ?)",
+            ['{"output_type": "stream", "name": "stdout", "text": "hi\\n"}',
+             '{"output_type": "display_data", "data": {"text/plain": "d"}, "metadata": {}}',
+             '{"display_id": "abc"}'])
+        connection.execute("INSERT INTO step_variables VALUES ('wf', 1, 1, 'arr', 'test-pickle', "
+                           "'ndarray', ?, 'digest')", [len(stream) + len(payload)])
+        connection.execute("INSERT INTO variable_chunks VALUES ('wf', 1, 1, 'arr', 0, ?, ?, NULL), "
+                           "('wf', 1, 1, 'arr', 1, ?, NULL, ?)",
+                           [len(stream), stream, len(payload), sha256])
+    store = StepStore(path)
+    [step] = store.live_steps("wf")
+    outputs, [variable] = store.read_step(step)
+    assert [item.output["output_type"] for item in outputs] == ["stream", "display_data"]
+    assert [item.transient for item in outputs] == [None, {"display_id": "abc"}]
+    assert (variable.name, variable.type_name, variable.content_digest) == ("arr", "ndarray", "digest")
+    assert np.array_equal(decode(variable, load_chunks(store, variable)), array)
+    with duckdb.connect(str(path)) as connection:
+        tables = {row[0] for row in connection.execute("SHOW TABLES").fetchall()}
+    assert tables == {"durable_nb_meta", "steps"}
+
+
+@pytest.mark.parametrize("where", ["inline", "payload file"])
+def test_a_damaged_chunk_is_refused_before_it_is_unpickled(tmp_path: Path, where: str) -> None:
+    from durable_nb.errors import PayloadCorruptError
+
+    store = StepStore(tmp_path / "s.duckdb", inline_limit=1024)
+    store.record_step(record(1, "one"), [], [encode("arr", np.arange(10_000.0)),
+                                             encode("small", {"a": 1})])
+    [step] = StepStore(store.path).live_steps("wf")
+    if where == "inline":
+        with duckdb.connect(store.path) as connection:
+            # Flip one byte of the inline stream of `small`, as a bad disk or an edit would.
+            (data,) = connection.execute("SELECT inline_data FROM steps").fetchone()  # type: ignore[misc]
+            damaged = bytearray(data)
+            damaged[-3] ^= 0x01
+            connection.execute("UPDATE steps SET inline_data = ?", [bytes(damaged)])
+        name = "small"
+    else:
+        [file] = [os.path.join(d, f) for d, _, files in os.walk(store.blob_dir) for f in files]
+        with open(file, "r+b") as handle:
+            handle.seek(12345)
+            byte = handle.read(1)
+            handle.seek(12345)
+            handle.write(bytes([byte[0] ^ 0x01]))
+        name = "arr"
+    fresh = StepStore(store.path)
+    _, variables = fresh.read_step(step)
+    [damaged_variable] = [v for v in variables if v.name == name]
+    with pytest.raises(PayloadCorruptError, match=rf"step 'one' \(#1\) is damaged: '{name}'"):
+        load_chunks(fresh, damaged_variable)
+    [intact] = [v for v in variables if v.name != name]
+    assert decode(intact, load_chunks(fresh, intact)) is not None
