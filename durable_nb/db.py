@@ -95,13 +95,15 @@ _MIGRATIONS: dict[int, list[str] | Callable[[Connection], None]] = {
 }
 
 # Version 3 keeps each step's outputs and state in its `steps` row:
-# - outputs: a JSON array of the step's outputs as nbformat writes them;
+# - outputs: a JSON array of the step's outputs as nbformat writes them; or, when that is
+#   large, '[]' and outputs_file: the payload file holding it (see store.py);
 # - output_transients: NULL, or a JSON object {output index: transient part (display_id)};
 # - variables: a JSON array of {"name", "codec", "type", "digest", "size", "chunks"}, each
 #   chunk [size in bytes, payload file's sha256 or null, integrity check or null];
 # - inline_data: the chunks without a payload file, one after another, in that order.
 _FOLD_COLUMNS = [
     "ALTER TABLE steps ADD COLUMN outputs VARCHAR NOT NULL DEFAULT '[]'",
+    "ALTER TABLE steps ADD COLUMN outputs_file VARCHAR",
     "ALTER TABLE steps ADD COLUMN output_transients VARCHAR",
     "ALTER TABLE steps ADD COLUMN variables VARCHAR NOT NULL DEFAULT '[]'",
     "ALTER TABLE steps ADD COLUMN inline_data BLOB",

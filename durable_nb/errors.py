@@ -66,8 +66,8 @@ class PayloadCorruptError(DurableError):
     def __init__(self, where: str, variable: str, detail: str) -> None:
         self.where = where
         self.variable = variable
-        name = "the step's state" if variable.startswith("(") else f"{variable!r}"
-        super().__init__(f"The record of {where} is damaged: {name}: {detail}. Nothing of it was "
+        part = f"its {variable.strip('()')}" if variable.startswith("(") else f"{variable!r}"
+        super().__init__(f"The record of {where} is damaged: {part}: {detail}. Nothing of it was "
                          "used; the step executes again and records it afresh.")
 
 

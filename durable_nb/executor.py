@@ -138,6 +138,13 @@ class DurableExecutor:
         self._left_behind.clear()
         self._replayed_positions.clear()
 
+    def open_workflow(self) -> None:
+        """Open the store and read the workflow's history now: a locked, damaged or newer
+        store is reported where the workflow is named, and the first step of a Run All
+        finds the history read and the connection open (in a kernel, DuckDB's first
+        connection also imports ipywidgets for its progress bar, ~0.1 s)."""
+        self.store.live_index(self.workflow_id)
+
     def close(self) -> None:
         """Let go of the store (its lingering connection, and so the file lock)."""
         if self._store is not None:

@@ -192,12 +192,26 @@ class StepStore:
             return snapshot.outputs.pop(key), snapshot.variables.pop(key, [])
         with self.database.connect() as connection:
             row = connection.execute(
-                "SELECT outputs, output_transients, variables, inline_data FROM steps "
-                "WHERE workflow_id = ? AND sequence_number = ? AND revision = ?",
+                "SELECT outputs, outputs_file, output_transients, variables, inline_data FROM "
+                "steps WHERE workflow_id = ? AND sequence_number = ? AND revision = ?",
                 [record.workflow_id, record.sequence_number, record.revision]).fetchone()
         if row is None:
             return [], []
-        return _outputs_from_row(row[0], row[1]), _variables_from_row(record, row[2], row[3])
+        outputs = row[0] if row[1] is None else self._read_outputs_file(record, row[1])
+        return _outputs_from_row(outputs, row[2]), _variables_from_row(record, row[3], row[4])
+
+    def _read_outputs_file(self, record: StepRecord, sha256: str) -> str:
+        try:
+            with open(self.blob_path(sha256), "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            raise PayloadCorruptError(f"step {record.step_name!r} (#{record.sequence_number})",
+                                      "(outputs)", f"the payload file cannot be read ({exc})") from exc
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise PayloadCorruptError(f"step {record.step_name!r} (#{record.sequence_number})",
+                                      "(outputs)", f"the payload file {self.blob_path(sha256)} "
+                                      "does not hold the bytes recorded")
+        return data.decode()
 
     def list_workflows(self) -> list[WorkflowSummary]:
         with self.database.connect() as connection:
@@ -257,7 +271,7 @@ class StepStore:
                                                stale_after, untouched)
             if current and previous is not None:
                 snapshot = previous.after_commit(stored, outputs, placed.read_back(stored),
-                                                 placed.step_bytes, supersede_from, stale_after)
+                                                 placed.small, supersede_from, stale_after)
             else:
                 snapshot = self._read_snapshot_txn(connection, record.workflow_id)
             token = self.database.file_state()
@@ -293,6 +307,8 @@ class StepStore:
             referenced = {chunk[1] for (variables,) in connection.execute(
                 "SELECT variables FROM steps WHERE variables <> '[]'").fetchall()
                 for variable in json.loads(variables) for chunk in variable["chunks"] if chunk[1]}
+            referenced.update(sha256 for (sha256,) in connection.execute(
+                "SELECT outputs_file FROM steps WHERE outputs_file IS NOT NULL").fetchall())
         removed = 0
         cutoff = time.time() - grace_seconds
         for directory, _, files in os.walk(self.blob_dir):
@@ -336,15 +352,19 @@ class StepStore:
                 read += count
             return view
 
-    def _place_chunks(self, chunks: Iterable[StoredChunk]) -> list[tuple[int, bytes | None, str | None, str]]:
+    def _place_chunks(self, chunks: Iterable[StoredChunk], budget: list[int]
+                      ) -> list[tuple[int, bytes | None, str | None, str]]:
         """Each chunk as (size, its bytes if kept in the row, its payload file, its check);
-        payload files are written and fsynced here, before the commit that refers to them."""
+        payload files are written and fsynced here, before the commit that refers to them.
+        A row keeps at most `budget[0]` bytes inline (spent here): DuckDB copies the rows
+        it holds in memory at every checkpoint, so large ones would cost every later step."""
         placed: list[tuple[int, bytes | None, str | None, str]] = []
         for index, chunk in enumerate(chunks):
             if isinstance(chunk, BlobReference):
                 raise TypeError("a chunk to record must be bytes, not a stored reference")
             view = memoryview(chunk).cast("B")
-            if view.nbytes <= self.inline_limit:
+            if view.nbytes <= budget[0]:
+                budget[0] -= view.nbytes
                 placed.append((view.nbytes, view.tobytes(), None, integrity_check(view, index)))
             else:
                 sha256 = self._write_blob(view)
@@ -381,8 +401,8 @@ class StepStore:
     def _read_snapshot_txn(self, connection: Connection, workflow_id: str) -> _Snapshot:
         """The live history, with the outputs and inline chunks of the completed steps small
         enough to keep (SNAPSHOT_STEP_BYTES), in one query."""
-        small = ("status = 'completed' AND length(outputs) + coalesce(octet_length(inline_data), 0)"
-                 " <= $limit")
+        small = ("status = 'completed' AND outputs_file IS NULL AND "
+                 "length(outputs) + coalesce(octet_length(inline_data), 0) <= $limit")
         cursor = connection.execute(
             f"SELECT {_RECORD_COLUMNS}, {small} AS small, CASE WHEN {small} THEN outputs END, "
             f"CASE WHEN {small} THEN output_transients END, CASE WHEN {small} THEN variables END, "
@@ -437,7 +457,8 @@ class StepStore:
                          superseded_at=utc_now() if failure_aside else None)
         values = {**{column: getattr(stored, column) for column in _PLAIN_COLUMNS},
                   **{column: json.dumps(getattr(stored, column)) for column in _JSON_COLUMNS},
-                  "outputs": placed.outputs_json, "output_transients": placed.transients_json,
+                  "outputs": placed.outputs_json if placed.outputs_file is None else "[]",
+                  "outputs_file": placed.outputs_file, "output_transients": placed.transients_json,
                   "variables": placed.variables_json, "inline_data": placed.inline_data}
         connection.execute(f"INSERT INTO steps ({', '.join(values)}) VALUES "
                            f"({', '.join('?' * len(values))})", list(values.values()))
@@ -520,10 +541,10 @@ class _Snapshot:
         return {record.sequence_number: record for record in self.history}
 
     def after_commit(self, stored: StepRecord, outputs: Sequence[StoredOutput],
-                     variables: list[StoredVariable], step_bytes: int,
+                     variables: list[StoredVariable], small: bool,
                      supersede_from: int | None, stale_after: int | None) -> _Snapshot:
         """The snapshot once `record_step` committed `stored` (its outputs and inline values
-        taking `step_bytes`): the rules `_record_step_txn` applies in SQL, applied to the
+        `small` enough to keep): the rules `_record_step_txn` applies in SQL, applied to the
         history in memory (a test checks the two agree on random sequences of commits)."""
         failure_aside = stored.superseded_at is not None
         if supersede_from is None and stale_after is None and not failure_aside \
@@ -547,7 +568,7 @@ class _Snapshot:
                     if step.status == COMPLETED}
             outputs_kept = {key: value for key, value in self.outputs.items() if key in live}
             variables_kept = {key: value for key, value in self.variables.items() if key in live}
-        if stored.status == COMPLETED and not failure_aside and step_bytes <= SNAPSHOT_STEP_BYTES:
+        if stored.status == COMPLETED and not failure_aside and small:
             key = (stored.sequence_number, stored.revision)
             outputs_kept[key], variables_kept[key] = list(outputs), variables
         return _Snapshot(self.token, history, outputs_kept, variables_kept,
@@ -567,6 +588,7 @@ class _Placed:
     variables: Sequence[StoredVariable]
     chunks: dict[str, list[tuple[int, bytes | None, str | None, str]]]
     outputs_json: str
+    outputs_file: str | None  # the payload file holding outputs_json, when that is large
     transients_json: str | None
     variables_json: str
     inline_data: bytes | None
@@ -575,11 +597,17 @@ class _Placed:
     def of(cls, store: StepStore, variables: Sequence[StoredVariable],
            outputs: Sequence[StoredOutput]) -> _Placed:
         ordered = sorted(variables, key=lambda variable: variable.name)
-        chunks = {variable.name: store._place_chunks(variable.chunks) for variable in ordered}
+        budget = [store.inline_limit]  # the row's inline bytes, for all variables together
+        chunks = {variable.name: store._place_chunks(variable.chunks, budget) for variable in ordered}
         transients = {str(index): item.transient for index, item in enumerate(outputs)
                       if item.transient}
+        outputs_json = json.dumps([item.output for item in outputs])
+        # Large outputs (a training log, a big table) go to a payload file: in the row they
+        # would be copied at every checkpoint, and held in memory by DuckDB meanwhile.
+        outputs_file = store._write_blob(memoryview(outputs_json.encode())) \
+            if len(outputs_json) > store.inline_limit else None
         return cls(
-            ordered, chunks, json.dumps([item.output for item in outputs]),
+            ordered, chunks, outputs_json, outputs_file,
             json.dumps(transients) if transients else None,
             json.dumps([{"name": variable.name, "codec": variable.codec,
                          "type": variable.type_name, "digest": variable.content_digest,
@@ -594,9 +622,11 @@ class _Placed:
         return sum(size for placed in self.chunks.values() for size, _, _, _ in placed)
 
     @property
-    def step_bytes(self) -> int:
-        """What the step takes in the row: outputs and inline chunks (SNAPSHOT_STEP_BYTES)."""
-        return len(self.outputs_json) + len(self.inline_data or b"")
+    def small(self) -> bool:
+        """Whether the snapshot keeps the step's outputs and inline chunks in memory (the
+        condition `_read_snapshot_txn` puts in SQL)."""
+        return self.outputs_file is None and \
+            len(self.outputs_json) + len(self.inline_data or b"") <= SNAPSHOT_STEP_BYTES
 
     def read_back(self, record: StepRecord) -> list[StoredVariable]:
         """The variables as a read gives them back: chunks inline, or payload file references."""

@@ -391,3 +391,28 @@ def test_a_damaged_chunk_is_refused_before_it_is_unpickled(tmp_path: Path, where
         load_chunks(fresh, damaged_variable)
     [intact] = [v for v in variables if v.name != name]
     assert decode(intact, load_chunks(fresh, intact)) is not None
+
+
+def test_large_outputs_live_in_a_payload_file_that_gc_keeps_and_reads_verify(tmp_path: Path) -> None:
+    from durable_nb.errors import PayloadCorruptError
+
+    store = StepStore(tmp_path / "s.duckdb", inline_limit=1024)
+    text = "".join(f"line {i}\n" for i in range(1000))
+    outputs = [StoredOutput({"output_type": "stream", "name": "stdout", "text": text}),
+               StoredOutput({"output_type": "display_data", "data": {"text/plain": "x"},
+                             "metadata": {}}, {"display_id": "d1"})]
+    store.record_step(record(1, "loud"), outputs, [])
+    with duckdb.connect(store.path) as connection:
+        assert connection.execute("SELECT outputs, outputs_file IS NOT NULL FROM steps").fetchone() == ("[]", True)
+    old = time.time() - 7200
+    [file] = [os.path.join(d, f) for d, _, files in os.walk(store.blob_dir) for f in files]
+    os.utime(file, (old, old))
+    assert StepStore(store.path).gc() == 0
+    fresh = StepStore(store.path)
+    assert fresh.read_step(fresh.live_steps("wf")[0])[0] == outputs
+    with open(file, "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"X")
+    fresh = StepStore(store.path)
+    with pytest.raises(PayloadCorruptError, match=r"step 'loud' \(#1\) is damaged: its outputs: the payload file"):
+        fresh.read_step(fresh.live_steps("wf")[0])
