@@ -22,11 +22,12 @@ def load_ipython_extension(shell: Any) -> None:
 
 def unload_ipython_extension(shell: Any) -> None:
     magics = shell.magics_manager.registry.pop("DurableMagics", None)
-    if magics is not None:
-        magics.executor.host.close()  # its pre/post_run_cell event handlers
-        magics.executor.close()  # its store connection
-    for kind in ("line", "cell"):
-        for name in ("durable_workflow", "durable_step", "durable_status", "durable_reset"):
+    if magics is None:
+        return
+    magics.executor.host.close()  # its pre/post_run_cell event handlers
+    magics.executor.close()  # its store connection
+    for kind, names in magics.magics.items():  # what @magics_class registered, by kind
+        for name in names:
             shell.magics_manager.magics[kind].pop(name, None)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -16,14 +17,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .errors import DurableError
 
 if TYPE_CHECKING:
-    from .store import StepRecord, StepStore
+    from .store import StepRecord, StepStore, StoredOutput
 
 EXPORT_FORMAT_VERSION = 1
 
 
 class UnknownWorkflowError(DurableError):
     def __init__(self, path: str, workflow_id: str, known: list[str]) -> None:
+        self.path = path
         self.workflow_id = workflow_id
+        self.known = known
         names = ", ".join(repr(name) for name in known) or "none"
         super().__init__(f"No workflow {workflow_id!r} in {path} (its workflows: {names}). "
                          "`durable-nb list` shows them; pass --db PATH for another store.")
@@ -88,16 +91,18 @@ def _quickstart_path() -> Path:
 
 def command_list(arguments: argparse.Namespace) -> int:
     from .status import format_bytes
+    from .store import COMPLETED
 
     store = _open_store(arguments)
-    summaries = store.list_workflows()
-    if not summaries:
+    overviews = store.list_workflows()
+    if not overviews:
         print(f"no workflows in {store.path}")
         return 0
     print(f"{'workflow':<40} {'steps':>5} {'done':>5} {'state':>10}  last activity (UTC)")
-    for summary in summaries:
-        print(f"{summary.workflow_id:<40} {summary.steps:>5} {summary.completed:>5} "
-              f"{format_bytes(summary.state_bytes):>10}  {summary.last_activity:%Y-%m-%d %H:%M:%S}")
+    for overview in overviews:
+        print(f"{overview.workflow_id:<40} {overview.steps:>5} "
+              f"{overview.counts.get(COMPLETED, 0):>5} {format_bytes(overview.state_bytes):>10}  "
+              f"{overview.last_activity:%Y-%m-%d %H:%M:%S}")
     return 0
 
 
@@ -105,7 +110,7 @@ def command_status(arguments: argparse.Namespace) -> int:
     from . import status
 
     store = _open_store(arguments)
-    rows = status.stored_rows(_require_workflow(store, arguments.workflow))
+    rows = status.stored_rows(require_workflow(store, arguments.workflow))
     print(f"workflow {arguments.workflow} in {store.path}")
     print(status.summarize(rows))
     print(status.render_text(rows))
@@ -114,7 +119,7 @@ def command_status(arguments: argparse.Namespace) -> int:
 
 def command_export(arguments: argparse.Namespace) -> int:
     store = _open_store(arguments)
-    records = _require_workflow(store, arguments.workflow)
+    records = require_workflow(store, arguments.workflow)
     if arguments.include_superseded:
         records = store.all_steps(arguments.workflow)
     document = {
@@ -123,7 +128,7 @@ def command_export(arguments: argparse.Namespace) -> int:
         "exported_at": datetime.now(timezone.utc).isoformat(),
         "steps": [_exported_step(store, record) for record in records],
     }
-    text = json.dumps(document, indent=1, default=_json_value, ensure_ascii=False) + "\n"
+    text = json.dumps(document, indent=1, default=json_value, ensure_ascii=False) + "\n"
     if arguments.output:
         Path(arguments.output).write_text(text, encoding="utf-8")
         print(f"wrote {len(records)} step(s) of {arguments.workflow!r} to {arguments.output}")
@@ -138,13 +143,18 @@ def _exported_step(store: StepStore, record: StepRecord) -> dict[str, Any]:
     outputs, variables = store.read_step(record)
     return {
         **dataclasses.asdict(record),
-        "outputs": [item.output for item in outputs],
+        "outputs": nbformat_outputs(outputs),
         "variables": [{"name": v.name, "codec": v.codec, "type_name": v.type_name,
                        "size_bytes": v.size_bytes} for v in variables if v.holds_a_variable],
     }
 
 
-def _json_value(value: object) -> object:
+def nbformat_outputs(outputs: Sequence[StoredOutput]) -> list[dict[str, Any]]:
+    """A step's recorded outputs as a notebook stores them (no display ids)."""
+    return [item.output for item in outputs]
+
+
+def json_value(value: object) -> object:
     if isinstance(value, datetime):  # the store keeps UTC without a zone
         return value.replace(tzinfo=timezone.utc).isoformat()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
@@ -157,7 +167,7 @@ def command_reset(arguments: argparse.Namespace) -> int:
         raise DurableError("reset takes a STEP (that step and the ones after it) or --all, "
                            "not both and not neither.")
     store = _open_store(arguments)
-    _require_workflow(store, arguments.workflow)
+    require_workflow(store, arguments.workflow)
     removed = store.reset_steps(arguments.workflow, arguments.step)
     which = f"step {arguments.step!r} and the steps after it" if arguments.step else "every step"
     print(f"reset {which} of workflow {arguments.workflow!r}: {removed} record(s) forgotten; "
@@ -184,6 +194,14 @@ def command_gc(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def command_trust(arguments: argparse.Namespace) -> int:
+    store = _open_store(arguments)
+    signed = store.trust()
+    print(f"{store.path}: signed {signed} step record(s) with this user's key; every step in "
+          "it now replays here." if signed else f"{store.path}: already trusted; nothing to sign.")
+    return 0
+
+
 def _payload_bytes(store: StepStore) -> int:
     return sum(os.path.getsize(os.path.join(directory, name))
                for directory, _, names in os.walk(store.blob_dir) for name in names)
@@ -201,12 +219,24 @@ def _open_store(arguments: argparse.Namespace) -> StepStore:
     return StepStore(path, lock_timeout=arguments.lock_timeout)
 
 
-def _require_workflow(store: StepStore, workflow_id: str) -> list[StepRecord]:
+def require_workflow(store: StepStore, workflow_id: str) -> list[StepRecord]:
+    """The workflow's live history; UnknownWorkflowError, naming the known ones, if empty."""
     steps = store.live_steps(workflow_id)
     if not steps:
         raise UnknownWorkflowError(store.path, workflow_id,
                                    [summary.workflow_id for summary in store.list_workflows()])
     return steps
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds >= 0 (argparse type): nan, inf and negatives are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds, 0 or more")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,10 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     gc = commands.add_parser(
         "gc", parents=[store_options],
         help="Remove payload files no step refers to, then compact the database file.")
-    gc.add_argument("--grace", type=float, default=None, metavar="SECONDS",
+    gc.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
                     help="Keep payload files younger than this (default: an hour): a step may "
                          "be committing them.")
     gc.set_defaults(handler=command_gc)
+
+    trust = commands.add_parser(
+        "trust", parents=[store_options],
+        help="Vouch for a store written elsewhere (or before signing): sign its steps with "
+             "this user's key, so that they replay. Only for stores you trust: replay "
+             "unpickles their state, which can run code.")
+    trust.set_defaults(handler=command_trust)
 
     export = commands.add_parser("export", parents=[store_options],
                                  help="A workflow's steps and outputs as JSON.")

@@ -56,26 +56,41 @@ def backoff_delay(attempt: int, backoff: float, max_backoff: float) -> float:
     return delay / 2 + random.uniform(0, delay / 2)
 
 
+class StepTimedOut(BaseException):
+    """Raised into a step's code when its timeout expires. Not an Exception (as
+    KeyboardInterrupt is not), so that `except Exception:` in the step cannot swallow it;
+    `deadline` turns it into StepTimeoutError once the step's code has unwound."""
+
+
 @contextmanager
 def deadline(step_name: str, timeout: float | None) -> Iterator[None]:
-    """Raise StepTimeoutError in the step's code once `timeout` seconds have passed.
+    """Stop the step's code once `timeout` seconds have passed: StepTimeoutError.
 
     SIGALRM interrupts blocking calls such as time.sleep and lands between bytecodes, which
     is how a kernel's own interrupt works; it needs the main thread (where kernels run cells).
+    Even code that catches everything (`except BaseException:`) cannot make a timed-out
+    step succeed: once it returns, the step fails all the same.
     """
     if timeout is None:
         yield
         return
     if threading.current_thread() is not threading.main_thread():
         raise DurableError("--timeout works only when the step runs in the main thread.")
+    expired = False
 
     def expire(signum: int, frame: Any) -> None:
-        raise StepTimeoutError(step_name, timeout)
+        nonlocal expired
+        expired = True
+        raise StepTimedOut()
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
         yield
+    except StepTimedOut:
+        raise StepTimeoutError(step_name, timeout) from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    if expired:  # the step's code caught StepTimedOut and went on
+        raise StepTimeoutError(step_name, timeout)

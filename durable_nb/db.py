@@ -100,13 +100,16 @@ _MIGRATIONS: dict[int, list[str] | Callable[[Connection], None]] = {
 # - output_transients: NULL, or a JSON object {output index: transient part (display_id)};
 # - variables: a JSON array of {"name", "codec", "type", "digest", "size", "chunks"}, each
 #   chunk [size in bytes, payload file's sha256 or null, integrity check or null];
-# - inline_data: the chunks without a payload file, one after another, in that order.
+# - inline_data: the chunks without a payload file, one after another, in that order;
+# - signature: see trust.py.
 _FOLD_COLUMNS = [
     "ALTER TABLE steps ADD COLUMN outputs VARCHAR NOT NULL DEFAULT '[]'",
     "ALTER TABLE steps ADD COLUMN outputs_file VARCHAR",
     "ALTER TABLE steps ADD COLUMN output_transients VARCHAR",
     "ALTER TABLE steps ADD COLUMN variables VARCHAR NOT NULL DEFAULT '[]'",
     "ALTER TABLE steps ADD COLUMN inline_data BLOB",
+    # trust.py: an HMAC over the row, with a secret of the user who wrote it; NULL before.
+    "ALTER TABLE steps ADD COLUMN signature VARCHAR",
 ]
 
 

@@ -67,8 +67,33 @@ class PayloadCorruptError(DurableError):
         self.where = where
         self.variable = variable
         part = f"its {variable.strip('()')}" if variable.startswith("(") else f"{variable!r}"
-        super().__init__(f"The record of {where} is damaged: {part}: {detail}. Nothing of it was "
-                         "used; the step executes again and records it afresh.")
+        self.problem = f"The record of {where} is damaged: {part}: {detail}."
+        super().__init__(f"{self.problem} Nothing of it was used; the step executes again and "
+                         "records it afresh.")
+
+
+class UntrustedStepError(StoreError):
+    """A step row not signed with this user's secret (trust.py): never unpickled."""
+
+    def __init__(self, path: str, step_name: str, sequence_number: int) -> None:
+        self.step_name = step_name
+        self.problem = (f"Step {step_name!r} (#{sequence_number}) in {path!r} was not recorded "
+                        "by this user's kernels, or was changed since (or durable_nb did not "
+                        "sign stores yet when it was recorded), so its state is not unpickled.")
+        super().__init__(
+            path,
+            f"{self.problem} The step executes instead. If you trust this store, run "
+            f"`durable-nb trust --db {path}` once; its steps then replay.",
+        )
+
+
+class StrictReplayError(DurableError):
+    """Strict mode: a step that cannot replay does not execute in its place either."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem} Strict mode stops here instead of executing the step. "
+                         "Run without --strict to execute it, or fix the store (`durable-nb "
+                         "trust` for a store you vouch for, `durable-nb reset` to forget the step).")
 
 
 class UnknownStepError(StoreError):

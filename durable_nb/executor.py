@@ -24,8 +24,11 @@ from .codec import (ChangedInPlace, DecodedState, Unstorable, apply_state, decod
                     encode_state)
 from .context import StepContext, backoff_delay, deadline, running
 from .decision import Decision, decide
-from .errors import (DurableError, DuplicateStepError, NonDeterminismError,
-                     StepNotRecordedError, StoreLockedError, WorkflowNotNamedError)
+from .errors import (DurableError, DuplicateStepError, NonDeterminismError, PayloadCorruptError,
+                     StepNotRecordedError, StoreLockedError, StrictReplayError,
+                     UntrustedStepError,
+                     WorkflowNotNamedError)
+from .options import StepOptions
 from .fingerprint import code_fingerprint, is_opaque, sized_digest, value_digest
 from .db import lock_timeout_or_default
 from .host import Host, ReplayedResult
@@ -59,19 +62,6 @@ class StepEvent:
     seconds: float = 0.0  # how long the execution or the replay took
     record: StepRecord | None = None  # the stored record, once there is one
     attempt: int = 1
-
-
-@dataclass(frozen=True)
-class StepOptions:
-    """How to run one step: what to record, and the limits it runs under."""
-
-    variables: Sequence[str] | None = None  # record exactly these
-    exclude: Sequence[str] = ()
-    force: bool = False
-    retries: int = 0
-    backoff: float = 1.0
-    max_backoff: float = 60.0
-    timeout: float | None = None
 
 
 def resolve_workflow_id(explicit: str | None, notebook_path: str | None) -> str:
@@ -229,7 +219,9 @@ class DurableExecutor:
         if decision.replay and decision.record is not None:
             try:
                 return self._replay(decision.record, decision.reason)
-            except RestoreError as exc:
+            except (RestoreError, PayloadCorruptError, UntrustedStepError) as exc:
+                if self.strict and not isinstance(exc, RestoreError):
+                    raise StrictReplayError(exc.problem) from exc
                 _warn(step_name, str(exc))
                 decision = replace(decision, replay=False, reason=f"replay failed: {exc}")
         return self._execute(workflow_id, step_name, source, transformed, fingerprint, inputs,
@@ -311,7 +303,7 @@ class DurableExecutor:
 
     def _replay(self, record: StepRecord, reason: str) -> Any:
         started = time.perf_counter()
-        outputs, stored = self.store.read_step(record)
+        outputs, stored = self.store.read_step(record, verify=True)
         if any(variable.codec in LEGACY_CODECS for variable in stored):
             raise RestoreError(record.step_name, None,
                                "it was recorded by an earlier durable_nb, whose stored values "
@@ -328,6 +320,8 @@ class DurableExecutor:
                 lambda changes: problems.extend(ambient.apply(changes)))
             apply_state(namespace, decoded, deleted)
             self.host.after_replay()
+        except PayloadCorruptError:
+            raise
         except Exception as exc:
             raise RestoreError(record.step_name, None, f"{type(exc).__name__}: {exc}") from exc
         digests: dict[str, str] = {}

@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Callable, Protocol
 
 from .capture import OutputRecorder, recording
+from .magic_lines import is_step_cell
 from .state import is_ipython_internal
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,14 @@ class IPythonHost:
         # JupyterLab and VS Code send the cell's id; nbclient and the terminal do not.
         self._cell_id = getattr(info, "cell_id", None)
         text = getattr(info, "raw_cell", "") or ""
-        if not text.lstrip().startswith("%%durable_step"):
+        if not is_step_cell(text, self.shell.input_transformer_manager):
             for callback in self._before_plain_cell:
                 callback(text)
 
     def _post_run_cell(self, result: Any) -> None:
         self._forget_formatted()
         text = getattr(result.info, "raw_cell", "") or ""
-        if text.lstrip().startswith("%%durable_step"):
+        if is_step_cell(text, self.shell.input_transformer_manager):
             return
         for callback in self._after_plain_cell:
             callback(text)

@@ -8,14 +8,16 @@ the kernels' life; it reports progress through a callback so the CLI decides how
 from __future__ import annotations
 
 import os
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from IPython.core.error import UsageError
+
 from .errors import DurableError
 from .executor import DEFAULT_STORE_FILENAME
+from .magic_lines import WorkflowLine, step_line_of, workflow_lines_of
 from .store import COMPLETED, StepStore, utc_now
 
 
@@ -42,36 +44,33 @@ class NotebookFailedError(DurableError):
         super().__init__(f"{path}: {reason}")
 
 
-def step_name_of(source: str) -> str | None:
-    """The step name of a `%%durable_step NAME` cell, else None."""
-    first_line = source.lstrip().split("\n", 1)[0]
-    if not first_line.startswith("%%durable_step"):
-        return None
-    words = shlex.split(first_line)
-    return words[1] if len(words) > 1 else None
-
-
-def declared_workflow(notebook: Any) -> tuple[str | None, str | None]:
-    """The NAME and --db of a `%durable_workflow` line in the notebook, if it has one."""
-    for cell in notebook.cells:
+def read_magic_lines(path: str, notebook: Any) -> tuple[dict[int, str], WorkflowLine | None]:
+    """The step name of each `%%durable_step` cell by cell index, and the notebook's first
+    `%durable_workflow` line, read as the kernel reads them. A line the kernel would refuse
+    stops the run before it starts."""
+    step_names: dict[int, str] = {}
+    workflows: list[WorkflowLine] = []
+    for index, cell in enumerate(notebook.cells):
         if cell.cell_type != "code":
             continue
-        for line in cell.source.splitlines():
-            words = shlex.split(line.strip()) if line.strip().startswith("%durable_workflow") else []
-            if len(words) >= 2:
-                db = words[words.index("--db") + 1] if "--db" in words[:-1] else None
-                return words[1], db
-    return None, None
+        try:
+            step = step_line_of(cell.source)
+            if step is not None:
+                step_names[index] = step.name
+            else:
+                workflows += workflow_lines_of(cell.source)
+        except UsageError as exc:
+            raise NotebookFailedError(path, f"cell {index}: {exc}") from exc
+    _check_unique_step_names(path, step_names)
+    return step_names, workflows[0] if workflows else None
 
 
-def _check_unique_step_names(path: str, notebook: Any) -> None:
+def _check_unique_step_names(path: str, step_names: dict[int, str]) -> None:
     # nbclient sends no cell ids, so the kernel cannot tell a reused name from an edited
     # cell; the whole notebook is here, so tell before anything runs.
     cells_by_name: dict[str, list[int]] = {}
-    for index, cell in enumerate(notebook.cells):
-        name = step_name_of(cell.source) if cell.cell_type == "code" else None
-        if name is not None:
-            cells_by_name.setdefault(name, []).append(index)
+    for index, name in step_names.items():
+        cells_by_name.setdefault(name, []).append(index)
     for name, cells in cells_by_name.items():
         if len(cells) > 1:
             raise NotebookFailedError(
@@ -94,14 +93,13 @@ class NotebookRunner:
             self.notebook = nbformat.read(self.path, as_version=4)
         except Exception as exc:
             raise NotebookFailedError(str(path), f"not a readable notebook ({exc}).") from exc
-        _check_unique_step_names(str(path), self.notebook)
+        self.step_names, declared = read_magic_lines(str(path), self.notebook)
         self.working_directory = self.path.resolve().parent
-        declared_name, declared_db = declared_workflow(self.notebook)
-        self.workflow = declared_name or workflow or self.path.name
+        self.workflow = declared.name if declared else workflow or self.path.name
         # One absolute path for the kernel and for this process: --db is relative to where
         # the command runs, a path in the notebook to the notebook's folder (the kernel's).
-        if declared_db:
-            self.store_path = str((self.working_directory / declared_db).resolve())
+        if declared and declared.db:
+            self.store_path = str((self.working_directory / declared.db).resolve())
         elif db:
             self.store_path = str(Path(db).resolve())
         else:
@@ -118,8 +116,7 @@ class NotebookRunner:
     @property
     def step_count(self) -> int:
         """How many `%%durable_step` cells the notebook has."""
-        return sum(1 for cell in self.notebook.cells
-                   if cell.cell_type == "code" and step_name_of(cell.source) is not None)
+        return len(self.step_names)
 
     def run(self) -> RunResult:
         import nbformat
@@ -136,12 +133,12 @@ class NotebookRunner:
 
             def cell_start(cell: Any, cell_index: int, **_: Any) -> None:
                 starts[cell_index] = time.perf_counter()
-                name = step_name_of(cell.source) if cell.cell_type == "code" else None
+                name = self.step_names.get(cell_index)
                 if name is not None:
                     self.on_event("", StepOutcome(attempt, cell_index, name, "running", 0.0))
 
             def cell_executed(cell: Any, cell_index: int, execute_reply: Any, **_: Any) -> None:
-                name = step_name_of(cell.source)
+                name = self.step_names.get(cell_index)
                 if name is None:
                     return
                 event = self._step_event(attempt, cell_index, name, attempt_started,
@@ -163,7 +160,7 @@ class NotebookRunner:
             except DeadKernelError:
                 crashed_at = _running_cell(notebook, starts)
                 self.on_event(f"kernel died in cell {crashed_at}"
-                              + _step_label(notebook.cells[crashed_at].source), None)
+                              + _step_label(self.step_names.get(crashed_at)), None)
                 if attempt > self.max_restarts:
                     raise NotebookFailedError(
                         str(self.path), f"the kernel died {attempt} times (last in cell "
@@ -196,8 +193,7 @@ class NotebookRunner:
                          saved_seconds=max(record.duration_seconds - seconds, 0.0))
 
 
-def _step_label(source: str) -> str:
-    name = step_name_of(source)
+def _step_label(name: str | None) -> str:
     return f" (step {name})" if name else ""
 
 

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import sys
@@ -25,7 +26,8 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
 from .db import Connection, Database, atomic, check_integrity, fetch_dicts, integrity_check
-from .errors import PayloadCorruptError, UnknownStepError
+from .errors import PayloadCorruptError, UnknownStepError, UntrustedStepError
+from .trust import Signer
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,7 @@ class WorkflowSummary:
     completed: int
     state_bytes: int
     last_activity: datetime
+    counts: dict[str, int] = field(default_factory=dict)  # live steps by status
 
 
 def utc_now() -> datetime:
@@ -145,15 +148,24 @@ class StepStore:
     """Save a step, find a step, read a stored result. Knows rows, never callables."""
 
     def __init__(self, path: str | os.PathLike[str], *, inline_limit: int = DEFAULT_INLINE_LIMIT,
-                 lock_timeout: float | None = None, linger_seconds: float = 0.0) -> None:
+                 lock_timeout: float | None = None, linger_seconds: float = 0.0,
+                 signer: Signer | None = None) -> None:
         self.database = Database(path, lock_timeout=lock_timeout, linger_seconds=linger_seconds)
         self.inline_limit = inline_limit
+        self._signer = signer
         self._snapshots: dict[str, _Snapshot] = {}
         self.database.checkpoint_listeners.append(self._after_checkpoint)
 
     @property
     def path(self) -> str:
         return self.database.path
+
+    @property
+    def signer(self) -> Signer:
+        """This user's signer (its secret is read, or made, at the first write or check)."""
+        if self._signer is None:
+            self._signer = Signer.for_this_user()
+        return self._signer
 
     @property
     def blob_dir(self) -> str:
@@ -181,24 +193,63 @@ class StepStore:
                                "workflow_id = ? ORDER BY sequence_number, revision", [workflow_id])
         return [_record_from_row(row) for row in rows]
 
-    def read_step(self, record: StepRecord) -> tuple[list[StoredOutput], list[StoredVariable]]:
-        """A recorded step's outputs and its state (payload files are read by `load_chunks`)."""
+    def read_step(self, record: StepRecord, *, verify: bool = False
+                  ) -> tuple[list[StoredOutput], list[StoredVariable]]:
+        """A recorded step's outputs and its state (payload files are read by `load_chunks`).
+
+        With `verify`, UntrustedStepError unless the row's signature is this user's (see
+        trust.py): what replay unpickles must come from this user's kernels.
+        """
         key = (record.sequence_number, record.revision)
         snapshot = self._snapshots.get(record.workflow_id)
         if snapshot is not None and snapshot.token == self.database.file_state() \
                 and key in snapshot.outputs:
+            if verify and key not in snapshot.trusted:
+                raise UntrustedStepError(self.path, record.step_name, record.sequence_number)
             # Each step replays once per run: drop it so the cache does not hold outputs
             # (images, tables) longer than needed.
             return snapshot.outputs.pop(key), snapshot.variables.pop(key, [])
         with self.database.connect() as connection:
-            row = connection.execute(
-                "SELECT outputs, outputs_file, output_transients, variables, inline_data FROM "
-                "steps WHERE workflow_id = ? AND sequence_number = ? AND revision = ?",
-                [record.workflow_id, record.sequence_number, record.revision]).fetchone()
+            cursor = connection.execute(
+                f"SELECT {_SIGNED}, inline_data, signature FROM steps WHERE workflow_id = ? "
+                "AND sequence_number = ? AND revision = ?",
+                [record.workflow_id, record.sequence_number, record.revision])
+            row = cursor.fetchone()
         if row is None:
             return [], []
-        outputs = row[0] if row[1] is None else self._read_outputs_file(record, row[1])
-        return _outputs_from_row(outputs, row[2]), _variables_from_row(record, row[3], row[4])
+        signed = dict(zip(_SIGNED_COLUMNS, row))
+        if verify and not self.signer.verify(row[:len(_SIGNED_COLUMNS)], row[-2], row[-1]):
+            raise UntrustedStepError(self.path, record.step_name, record.sequence_number)
+        outputs = signed["outputs"] if signed["outputs_file"] is None \
+            else self._read_outputs_file(record, signed["outputs_file"])
+        return (_outputs_from_row(outputs, signed["output_transients"]),
+                _variables_from_row(record, signed["variables"], row[-2]))
+
+    def trust(self) -> int:
+        """Sign every step of the store with this user's secret (`durable-nb trust`): the
+        user vouches for it. Returns how many rows were signed anew."""
+        self._snapshots.clear()
+        with self.database.transaction() as connection:
+            rows = connection.execute(f"SELECT {_SIGNED}, inline_data, signature FROM steps").fetchall()
+            changed = [(self.signer.sign(row[:len(_SIGNED_COLUMNS)], row[-2]), row[0], row[1], row[2])
+                       for row in rows
+                       if not self.signer.verify(row[:len(_SIGNED_COLUMNS)], row[-2], row[-1])]
+            for signature, *key in changed:
+                connection.execute("UPDATE steps SET signature = ? WHERE workflow_id = ? AND "
+                                   "sequence_number = ? AND revision = ?", [signature, *key])
+        return len(changed)
+
+    def read_outputs(self, record: StepRecord) -> list[StoredOutput]:
+        """A recorded step's outputs alone (for readers that never touch its state)."""
+        with self.database.connect() as connection:
+            row = connection.execute(
+                "SELECT outputs, outputs_file, output_transients FROM steps WHERE workflow_id = ? "
+                "AND sequence_number = ? AND revision = ?",
+                [record.workflow_id, record.sequence_number, record.revision]).fetchone()
+        if row is None:
+            return []
+        return _outputs_from_row(row[0] if row[1] is None else self._read_outputs_file(record, row[1]),
+                                 row[2])
 
     def _read_outputs_file(self, record: StepRecord, sha256: str) -> str:
         try:
@@ -208,6 +259,7 @@ class StepStore:
             raise PayloadCorruptError(f"step {record.step_name!r} (#{record.sequence_number})",
                                       "(outputs)", f"the payload file cannot be read ({exc})") from exc
         if hashlib.sha256(data).hexdigest() != sha256:
+            self.set_aside(sha256)
             raise PayloadCorruptError(f"step {record.step_name!r} (#{record.sequence_number})",
                                       "(outputs)", f"the payload file {self.blob_path(sha256)} "
                                       "does not hold the bytes recorded")
@@ -217,9 +269,9 @@ class StepStore:
         with self.database.connect() as connection:
             rows = connection.execute(
                 "SELECT workflow_id, count(*), count(*) FILTER (status = 'completed'), "
-                "sum(state_bytes), max(finished_at) FROM steps WHERE superseded_at IS NULL "
-                "GROUP BY workflow_id ORDER BY workflow_id").fetchall()
-        return [WorkflowSummary(*row) for row in rows]
+                "sum(state_bytes), max(finished_at), histogram(status) FROM steps "
+                "WHERE superseded_at IS NULL GROUP BY workflow_id ORDER BY workflow_id").fetchall()
+        return [WorkflowSummary(*row[:5], dict(row[5])) for row in rows]
 
     def _snapshot(self, workflow_id: str) -> _Snapshot:
         """The workflow's live history with the outputs and inline state of its completed
@@ -266,6 +318,7 @@ class StepStore:
             # Nothing was ever recorded at a position past the snapshot's last one.
             untouched = current and previous is not None \
                 and record.sequence_number > previous.last_position
+            placed.ensure_payload_files(self)  # under the lock: gc cannot remove them now
             with atomic(connection):
                 stored = self._record_step_txn(connection, record, placed, supersede_from,
                                                stale_after, untouched)
@@ -300,29 +353,53 @@ class StepStore:
         return position
 
     def gc(self, grace_seconds: float = GC_GRACE_SECONDS) -> int:
-        """Remove payload files no step refers to; returns how many were removed."""
+        """Remove payload files no step refers to and untouched for `grace_seconds`;
+        returns how many were removed.
+
+        It holds the store's lock throughout, and a commit checks under the same lock that
+        every payload file it refers to is there (rewriting any that gc removed since it
+        wrote them): so no grace, not even 0, can lose a committed value. Half-written
+        files (`.partial-*`) are spared for GC_GRACE_SECONDS whatever the grace: another
+        process may be writing them.
+        """
+        if not (isinstance(grace_seconds, (int, float)) and math.isfinite(grace_seconds)
+                and grace_seconds >= 0):
+            raise ValueError(f"gc's grace must be a number of seconds >= 0, not {grace_seconds!r}")
         if not os.path.isdir(self.blob_dir):
             return 0
+        removed = 0
         with self.database.connect() as connection:
             referenced = {chunk[1] for (variables,) in connection.execute(
                 "SELECT variables FROM steps WHERE variables <> '[]'").fetchall()
                 for variable in json.loads(variables) for chunk in variable["chunks"] if chunk[1]}
             referenced.update(sha256 for (sha256,) in connection.execute(
                 "SELECT outputs_file FROM steps WHERE outputs_file IS NOT NULL").fetchall())
-        removed = 0
-        cutoff = time.time() - grace_seconds
-        for directory, _, files in os.walk(self.blob_dir):
-            for name in files:
-                path = os.path.join(directory, name)
-                if name not in referenced and os.stat(path).st_mtime < cutoff:
-                    os.remove(path)
-                    removed += 1
+            now = time.time()
+            for directory, _, files in os.walk(self.blob_dir):
+                for name in files:
+                    path = os.path.join(directory, name)
+                    grace = GC_GRACE_SECONDS if name.startswith(".partial-") else grace_seconds
+                    try:
+                        if name not in referenced and os.stat(path).st_mtime < now - grace:
+                            os.remove(path)
+                            removed += 1
+                    except FileNotFoundError:  # a writer renamed its partial file meanwhile
+                        pass
         return removed
 
     # -- payload files -----------------------------------------------------------------
 
     def blob_path(self, sha256: str) -> str:
         return os.path.join(self.blob_dir, sha256[:2], sha256)
+
+    def set_aside(self, sha256: str) -> None:
+        """Rename a damaged payload file (`<name>.damaged`, which gc removes): the next
+        record of the same bytes writes it afresh instead of reusing it."""
+        path = self.blob_path(sha256)
+        try:
+            os.replace(path, path + ".damaged")
+        except OSError as exc:  # a read-only store: it stays, and stays refused
+            log.warning("Could not set the damaged payload file %s aside: %s", path, exc)
 
     def read_blob(self, sha256: str, size_bytes: int) -> memoryview:
         """A payload file's bytes as writable memory.
@@ -406,23 +483,32 @@ class StepStore:
         cursor = connection.execute(
             f"SELECT {_RECORD_COLUMNS}, {small} AS small, CASE WHEN {small} THEN outputs END, "
             f"CASE WHEN {small} THEN output_transients END, CASE WHEN {small} THEN variables END, "
-            f"CASE WHEN {small} THEN inline_data END FROM steps WHERE workflow_id = $workflow "
-            "AND superseded_at IS NULL ORDER BY sequence_number",
+            f"CASE WHEN {small} THEN inline_data END, outputs_file, signature FROM steps "
+            "WHERE workflow_id = $workflow AND superseded_at IS NULL ORDER BY sequence_number",
             {"workflow": workflow_id, "limit": SNAPSHOT_STEP_BYTES})
-        columns = [description[0] for description in cursor.description][:-5]
+        columns = [description[0] for description in cursor.description][:-7]
         history: list[StepRecord] = []
         outputs: dict[tuple[int, int], list[StoredOutput]] = {}
         variables: dict[tuple[int, int], list[StoredVariable]] = {}
+        trusted: set[tuple[int, int]] = set()
         for row in cursor.fetchall():
-            record = _record_from_row(dict(zip(columns, row)))
+            raw = dict(zip(columns, row))
+            record = _record_from_row(raw)
             history.append(record)
-            if row[-5]:
+            small_step, step_outputs, transients, step_variables, inline_data, outputs_file, \
+                signature = row[-7:]
+            if small_step:
                 key = (record.sequence_number, record.revision)
-                outputs[key] = _outputs_from_row(row[-4], row[-3])
-                variables[key] = _variables_from_row(record, row[-2], row[-1])
+                outputs[key] = _outputs_from_row(step_outputs, transients)
+                variables[key] = _variables_from_row(record, step_variables, inline_data)
+                raw.update(outputs=step_outputs, outputs_file=outputs_file,
+                           output_transients=transients, variables=step_variables)
+                if self.signer.verify([raw[column] for column in _SIGNED_COLUMNS], inline_data,
+                                      signature):
+                    trusted.add(key)
         (last,) = connection.execute("SELECT coalesce(max(sequence_number), 0) FROM steps "
                                      "WHERE workflow_id = ?", [workflow_id]).fetchone() or (0,)
-        return _Snapshot(None, tuple(history), outputs, variables, int(last))
+        return _Snapshot(None, tuple(history), outputs, variables, int(last), trusted)
 
     def _record_step_txn(self, connection: Connection, record: StepRecord, placed: _Placed,
                          supersede_from: int | None, stale_after: int | None,
@@ -460,6 +546,8 @@ class StepStore:
                   "outputs": placed.outputs_json if placed.outputs_file is None else "[]",
                   "outputs_file": placed.outputs_file, "output_transients": placed.transients_json,
                   "variables": placed.variables_json, "inline_data": placed.inline_data}
+        values["signature"] = self.signer.sign([values[column] for column in _SIGNED_COLUMNS],
+                                               placed.inline_data)
         connection.execute(f"INSERT INTO steps ({', '.join(values)}) VALUES "
                            f"({', '.join('?' * len(values))})", list(values.values()))
         return stored
@@ -531,6 +619,7 @@ class _Snapshot:
     outputs: dict[tuple[int, int], list[StoredOutput]]
     variables: dict[tuple[int, int], list[StoredVariable]]
     last_position: int = 0  # the highest position of any record, superseded ones included
+    trusted: set[tuple[int, int]] = field(default_factory=set)  # of `outputs`: signed by us
 
     @functools.cached_property
     def by_name(self) -> dict[str, StepRecord]:
@@ -568,11 +657,13 @@ class _Snapshot:
                     if step.status == COMPLETED}
             outputs_kept = {key: value for key, value in self.outputs.items() if key in live}
             variables_kept = {key: value for key, value in self.variables.items() if key in live}
+        trusted = set(self.trusted)
         if stored.status == COMPLETED and not failure_aside and small:
             key = (stored.sequence_number, stored.revision)
             outputs_kept[key], variables_kept[key] = list(outputs), variables
+            trusted.add(key)  # just signed by us
         return _Snapshot(self.token, history, outputs_kept, variables_kept,
-                         max(self.last_position, stored.sequence_number))
+                         max(self.last_position, stored.sequence_number), trusted)
 
 
 # A completed step whose outputs and inline values take more than this is not kept in the
@@ -587,6 +678,7 @@ class _Placed:
 
     variables: Sequence[StoredVariable]
     chunks: dict[str, list[tuple[int, bytes | None, str | None, str]]]
+    payloads: dict[str, Chunk]  # the payload files it refers to: their bytes, by SHA-256
     outputs_json: str
     outputs_file: str | None  # the payload file holding outputs_json, when that is large
     transients_json: str | None
@@ -606,8 +698,12 @@ class _Placed:
         # would be copied at every checkpoint, and held in memory by DuckDB meanwhile.
         outputs_file = store._write_blob(memoryview(outputs_json.encode())) \
             if len(outputs_json) > store.inline_limit else None
+        payloads = {sha256: chunk for variable in ordered
+                    for chunk, (_, _, sha256, _) in zip(variable.chunks, chunks[variable.name]) if sha256}
+        if outputs_file is not None:
+            payloads[outputs_file] = outputs_json.encode()
         return cls(
-            ordered, chunks, outputs_json, outputs_file,
+            ordered, chunks, payloads, outputs_json, outputs_file,
             json.dumps(transients) if transients else None,
             json.dumps([{"name": variable.name, "codec": variable.codec,
                          "type": variable.type_name, "digest": variable.content_digest,
@@ -616,6 +712,14 @@ class _Placed:
                         for variable in ordered]),
             b"".join(data for placed in chunks.values() for _, data, _, _ in placed
                      if data is not None) or None)
+
+    def ensure_payload_files(self, store: StepStore) -> None:
+        """Write again any payload file that `gc` removed after it was written (the
+        caller holds the store's lock, which gc holds while it removes files)."""
+        for sha256, data in self.payloads.items():
+            if not os.path.exists(store.blob_path(sha256)):
+                log.warning("Payload file %s was removed before its commit: writing it again", sha256)
+                store._write_blob(memoryview(data).cast("B"))
 
     @property
     def state_bytes(self) -> int:
@@ -677,6 +781,7 @@ def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
             data: Chunk = store.read_blob(chunk.sha256, chunk.size_bytes)
             check = chunk.check or "sha256:" + chunk.sha256
             if not check_integrity(data, check, 0 if chunk.check is None else index):
+                store.set_aside(chunk.sha256)
                 raise PayloadCorruptError(variable.where, variable.name,
                                           f"its payload file {store.blob_path(chunk.sha256)} "
                                           "does not hold the bytes recorded")
@@ -696,6 +801,12 @@ _PLAIN_COLUMNS = ("workflow_id", "sequence_number", "revision", "step_name", "st
                   "code_fingerprint", "code", "reason", "error", "started_at", "finished_at",
                   "duration_seconds", "state_bytes", "superseded_at", "attempts", "cell_id")
 _RECORD_COLUMNS = ", ".join(_PLAIN_COLUMNS + _JSON_COLUMNS)
+# What a step's signature covers (with its inline bytes): every column replay relies on,
+# as stored. Times, durations and superseded_at are left out; `stale` never replays.
+_SIGNED_COLUMNS = ("workflow_id", "sequence_number", "revision", "step_name", "status",
+                   "code_fingerprint", "inputs", "unrestorable", "outputs", "outputs_file",
+                   "output_transients", "variables")
+_SIGNED = ", ".join(_SIGNED_COLUMNS)
 
 
 def _record_from_row(row: dict[str, Any]) -> StepRecord:

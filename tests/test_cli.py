@@ -13,6 +13,7 @@ from pathlib import Path
 
 import duckdb
 import nbformat
+import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from durable_nb import Workflow
@@ -282,3 +283,54 @@ def test_run_with_a_relative_db_uses_one_store_for_kernel_and_report(tmp_path: P
     assert "only" in second.stdout and "replayed" in second.stdout
     assert f"store {tmp_path / 'rel.duckdb'}" in second.stdout
     assert not (folder / "rel.duckdb").exists()
+
+
+def magic_forms_notebook(folder: Path, workflow_line: str) -> Path:
+    """A workflow line of the given form, a step named `it's`, and a forced step."""
+    def counted(line: str, name: str) -> str:
+        return f"{line}\nwith open('runs.txt', 'a') as f:\n    f.write({name!r} + '\\n')"
+    notebook = new_notebook(cells=[
+        new_code_cell("%load_ext durable_nb"),
+        new_code_cell(f"# the workflow\n\n%durable_workflow {workflow_line}"),
+        new_code_cell(counted("%%durable_step it's", "it's")),
+        new_code_cell(counted("%%durable_step --force train", "train")),
+    ])
+    path = folder / "forms.ipynb"
+    nbformat.write(notebook, path)
+    return path
+
+
+@pytest.mark.parametrize("workflow_line, workflow, store", [
+    ("sales --db=sales.duckdb", "sales", "sales.duckdb"),
+    ("--strict sales", "sales", "durable_nb.duckdb"),
+    ('"my wf"', '"my wf"', "durable_nb.duckdb"),  # IPython keeps the quotes in the name
+])
+def test_run_reads_the_magic_lines_as_the_kernel_does(tmp_path: Path, workflow_line: str,
+                                                      workflow: str, store: str) -> None:
+    path = magic_forms_notebook(tmp_path, workflow_line)
+    first = durable_nb("run", str(path), "--progress", "plain", cwd=tmp_path)
+    second = durable_nb("run", str(path), "--progress", "plain", cwd=tmp_path)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert (tmp_path / "runs.txt").read_text().split() == ["it's", "train", "train"]
+    outcomes = [line.split()[1:3] for line in second.stdout.splitlines() if line.startswith("  [")]
+    assert outcomes == [["it's", "replayed"], ["train", "executed"]]
+    assert f"store {tmp_path / store}" in second.stdout
+    listing = durable_nb("list", "--db", store, cwd=tmp_path)
+    assert [line.split("  ")[0].strip() for line in listing.stdout.splitlines()[1:]] == [workflow]
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("%%durable_step --retries x train", "argument --retries: invalid int value: 'x'"),
+    ("%%durable_step 'train", "No closing quotation"),
+    ("%%durable_step", "the following arguments are required: name"),
+])
+def test_run_refuses_a_magic_line_the_kernel_would_refuse_in_one_line(tmp_path: Path, line: str,
+                                                                      problem: str) -> None:
+    notebook = new_notebook(cells=[new_code_cell("%load_ext durable_nb\nopen('ran', 'w')"),
+                                   new_code_cell(f"{line}\nx = 1")])
+    nbformat.write(notebook, tmp_path / "bad.ipynb")
+    result = durable_nb("run", "bad.ipynb", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"durable-nb: bad.ipynb: cell 1: {line}: {problem}.")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "ran").exists()

@@ -170,6 +170,20 @@ def test_timeout_stops_a_sleeping_step_and_records_it_failed(session: NotebookSe
     assert "done" not in session.ns
 
 
+@pytest.mark.parametrize("catch", ["except Exception", "except BaseException"])
+def test_a_step_that_catches_its_timeout_is_still_stopped_and_recorded_failed(
+        session: NotebookSession, catch: str) -> None:
+    started = time.monotonic()
+    run = session.run(f"%%durable_step stubborn --timeout 0.5\nimport time\n"
+                      f"for _ in range(8):\n    try:\n        time.sleep(0.5)\n"
+                      f"    {catch}:\n        pass\ndone = True")
+    assert isinstance(run.error, StepTimeoutError), run.error
+    [record] = session.store.live_steps("test-workflow")
+    assert record.status == "failed" and "StepTimeoutError" in (record.error or "")
+    if catch == "except Exception":  # stopped at the deadline, not after the loop
+        assert time.monotonic() - started < 3 and "done" not in session.ns
+
+
 def test_reset_forgets_the_step_and_later_ones_only(session: NotebookSession, counter: Path) -> None:
     run_notebook(session, [step(counter, n, f"{n}_value = 1") for n in ("a", "b", "c")])
     other = NotebookSession(session.shell, session.store_path, "other-workflow")

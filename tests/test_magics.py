@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from IPython.core.error import UsageError
 
 from durable_nb.executor import DurableWarning
 
@@ -401,3 +402,72 @@ def test_lock_timeout_follows_config_and_environment(session: NotebookSession,
     session.ok("%config DurableMagics.lock_timeout = 0.25")
     assert magics.executor.store.database.lock_timeout == 0.25
     session.ok("%config DurableMagics.lock_timeout = None")
+
+
+# -- the magic lines: one parser and one finder for the kernel and the tools (magic_lines.py) --
+
+def test_the_magics_parse_with_the_one_parser_and_show_its_help(session: NotebookSession) -> None:
+    from durable_nb import magic_lines
+    from durable_nb.magics import DurableMagics
+
+    for name in ("durable_step", "durable_workflow", "durable_reset"):
+        declaration = getattr(magic_lines, name)
+        assert getattr(DurableMagics, name).parser is declaration.parser
+    help_text = session.shell.find_cell_magic("durable_step").__doc__
+    assert "Run the cell as a durable step" in help_text and "--max-backoff SECONDS" in help_text
+
+
+def test_a_step_named_with_an_apostrophe_executes_once_and_replays(
+        session: NotebookSession, counter: Path) -> None:
+    cell = counted(counter, "it's", "value = 1")
+    session.ok(cell)
+    session.restart()
+    session.ok(cell)
+    assert runs(counter) == ["it's"]
+    assert [step.step_name for step in session.store.live_steps("test-workflow")] == ["it's"]
+
+
+def test_an_unclosed_quote_is_a_usage_error_that_names_the_line(session: NotebookSession) -> None:
+    error = session.run("%%durable_step 'oops\nvalue = 1").error
+    assert type(error) is UsageError  # IPython shows it as one line, without a traceback
+    assert str(error).startswith("%%durable_step 'oops: No closing quotation.")
+    assert session.store.live_steps("test-workflow") == []
+
+
+def test_a_quoted_workflow_name_keeps_its_quotes_as_ipython_splits_it(session: NotebookSession) -> None:
+    session.ok(f'%durable_workflow "my wf" --db={session.store_path}')
+    session.ok("%%durable_step a\nvalue = 1")
+    assert [step.step_name for step in session.store.live_steps('"my wf"')] == ["a"]
+
+
+@pytest.mark.parametrize("source", [
+    "%%durable_step probe\nvalue = 1",
+    "\n   \n%%durable_step probe\nvalue = 1",
+    ">>> %%durable_step probe\n... value = 1",
+    "# a comment first\n%%durable_step probe\nvalue = 1",
+    "  %%durable_step probe\nvalue = 1",
+    "value = '''\n%%durable_step probe\n'''",
+])
+def test_the_step_finder_agrees_with_the_shell(session: NotebookSession, source: str) -> None:
+    from durable_nb.magic_lines import is_step_cell
+
+    session.run(source)
+    recorded = [step.step_name for step in session.store.live_steps("test-workflow")]
+    assert is_step_cell(source) is (recorded == ["probe"])
+    assert is_step_cell(source, session.shell.input_transformer_manager) is is_step_cell(source)
+
+
+@pytest.mark.parametrize("source", [
+    "%durable_workflow probe",
+    "# the workflow\n\n%durable_workflow probe --strict",
+    "if True:\n    %durable_workflow probe",
+    "note = '''\n%durable_workflow probe\n'''",
+    "# %durable_workflow probe",
+])
+def test_the_workflow_finder_agrees_with_the_shell(session: NotebookSession, source: str) -> None:
+    from durable_nb.magic_lines import workflow_lines_of
+
+    magics = session.shell.magics_manager.registry["DurableMagics"]
+    session.ok(source)
+    found = [line.name for line in workflow_lines_of(source)]
+    assert found == (["probe"] if magics.executor.workflow_id == "probe" else [])

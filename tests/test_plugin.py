@@ -13,13 +13,14 @@ import shutil
 from pathlib import Path
 
 import cloudpickle
+import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 
 from durable_nb.pytest_plugin.digest import describe_variables, value_digest
 from durable_nb.pytest_plugin.markers import CellOptions, cell_options
-from durable_nb.pytest_plugin.runs import point_at_store
+from durable_nb.pytest_plugin.runs import without_store_option
 
 pytest_plugins = ["pytester"]
 
@@ -142,12 +143,45 @@ def test_comment_markers_win_over_tags_as_in_nbval() -> None:
     assert cell_options("print('# NBVAL_SKIP')", {"tags": "not a list"}) == CellOptions()
 
 
-def test_only_the_store_option_of_durable_workflow_is_rewritten() -> None:
-    source = "%load_ext durable_nb\n%durable_workflow sales --db='my store.duckdb'\nprint('--db')"
-    assert point_at_store(source, "/tmp/private store.duckdb").splitlines() == [
-        "%load_ext durable_nb", "%durable_workflow sales --db '/tmp/private store.duckdb'",
-        "print('--db')"]
-    assert point_at_store("%durable_workflow sales", "/tmp/x.duckdb") == "%durable_workflow sales"
+def test_the_store_option_of_durable_workflow_is_dropped_so_the_private_store_applies() -> None:
+    source = '%load_ext durable_nb\n%durable_workflow --strict "my wf" --db=sales.duckdb\nprint("--db")'
+    assert without_store_option(source).splitlines() == [
+        "%load_ext durable_nb", '%durable_workflow "my wf" --strict', 'print("--db")']
+    assert without_store_option("%durable_workflow sales") == "%durable_workflow sales"
+    # A line the kernel refuses stays as written: running the cell says what is wrong.
+    assert without_store_option("%durable_workflow 'sales --db x") == "%durable_workflow 'sales --db x"
+
+
+def magic_forms_notebook(folder: Path, step_line: str) -> Path:
+    """Steps named as the magic accepts them, under `%durable_workflow --strict "my wf" --db=...`."""
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("%load_ext durable_nb"),
+        nbformat.v4.new_code_cell('%durable_workflow --strict "my wf" --db=sales.duckdb'),
+        nbformat.v4.new_code_cell("%%durable_step --retries=1 it's\nrows = [3, 1, 2]\nprint(len(rows))"),
+        nbformat.v4.new_code_cell(f"{step_line}\ntotal = sum(rows)\ntotal"),
+    ])
+    path = folder / "test-forms.ipynb"
+    nbformat.write(notebook, path)
+    return path
+
+
+def test_steps_are_found_by_the_names_the_kernel_gives_them(pytester: pytest.Pytester) -> None:
+    path = magic_forms_notebook(pytester.path, "%%durable_step --timeout 60 train")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-v", "--durable-crash-after", "train",
+                                "--durable-crash-after", "it's", path.name)
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*test-forms.ipynb::resume-after-step-train PASSED*",
+                                 "*test-forms.ipynb::resume-after-step-it's PASSED*"])
+    assert not (pytester.path / "sales.duckdb").exists()  # the private stores were used
+
+
+def test_a_forced_step_is_checked_under_its_own_name(pytester: pytest.Pytester) -> None:
+    path = magic_forms_notebook(pytester.path, "%%durable_step --force train")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-v", "--durable-crash-after", "train",
+                                path.name)
+    result.assert_outcomes(failed=2)  # a forced step executes on every run, by design
+    result.stdout.fnmatch_lines(["*test-forms.ipynb::resume-after-step-train FAILED*",
+                                 "*step 'train' (#2) executed on the replay run instead of replaying*"])
 
 
 def test_variables_are_described_with_their_parts_and_missing_ones_say_so() -> None:

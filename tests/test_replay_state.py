@@ -221,6 +221,7 @@ def test_a_step_recorded_by_an_earlier_durable_nb_executes_once_and_is_recorded_
     with duckdb.connect(str(session.store_path)) as connection:
         connection.execute("""UPDATE steps SET variables = replace(variables, '"codec": "bound"', '"codec": "pickle"')""")
     session.store = type(session.store)(session.store_path)
+    session.store.trust()  # a store the user vouched for (`durable-nb trust`) after upgrading
     session.restart()
     with pytest.warns(DurableWarning, match=r"recorded by an earlier durable_nb.*executes instead"):
         session.ok(cell)

@@ -16,10 +16,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from ..runner import step_name_of
 from .checks import (Problem, differing_outputs, differing_variables, format_problems, run_stopped,
                      unexpected_executions)
-from .runs import KernelSettings, NotebookRun, NotebookSession, step_cells
+from .runs import KernelSettings, NotebookRun, NotebookSession, step_cells, step_name
 
 
 class ReplayMismatch(Exception):
@@ -125,7 +124,7 @@ class ResumeCheck(_Check):
         if self.crash_after.isdigit() and 1 <= int(self.crash_after) <= len(cells):
             return cells[int(self.crash_after) - 1]
         named = [index for index in cells
-                 if step_name_of(self.parent.notebook.cells[index].source) == self.crash_after]
+                 if step_name(self.parent.notebook.cells[index].source) == self.crash_after]
         if not named:
             pytest.skip(f"--durable-crash-after {self.crash_after}: this notebook has "
                         f"{len(cells)} durable step(s) and none by that number or name")

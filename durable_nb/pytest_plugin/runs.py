@@ -10,15 +10,17 @@ nothing is added to the notebook's namespace or history.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
-import shlex
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..runner import step_name_of
+from IPython.core.error import UsageError
+
+from ..magic_lines import WORKFLOW_MAGIC, WorkflowLine, step_line_of, workflow_lines_of
 from ..store import COMPLETED, StepRecord, StepStore
 from .markers import cell_options
 
@@ -66,24 +68,50 @@ class KernelSettings:
     workflow: str  # for notebooks that do not call %durable_workflow
 
 
+def step_name(source: str) -> str | None:
+    """The name of the step a cell runs, as the kernel reads it; None if the cell is no step,
+    or if its line does not parse (the kernel refuses such a cell, so it records nothing)."""
+    try:
+        step = step_line_of(source)
+    except UsageError:
+        return None
+    return None if step is None else step.name
+
+
 def step_cells(notebook: Any) -> list[int]:
     """Indexes of the `%%durable_step` cells that run (not NBVAL_SKIP), in notebook order."""
     return [index for index, cell in enumerate(notebook.cells)
-            if cell.cell_type == "code" and step_name_of(cell.source) is not None
+            if cell.cell_type == "code" and step_name(cell.source) is not None
             and not cell_options(cell.source, cell.metadata).skip]
 
 
-def point_at_store(source: str, store_path: str) -> str:
-    """`%durable_workflow NAME --db PATH` lines rewritten to use the private store."""
+def without_store_option(source: str) -> str:
+    """The cell with `--db` taken out of its `%durable_workflow` lines, so that the kernel
+    uses $DURABLE_NB_DB, the private store. (Writing the private path into the line would
+    need quotes, and IPython keeps quotes in a magic's arguments.)"""
+    try:
+        if all(workflow.db is None for workflow in workflow_lines_of(source)):
+            return source
+    except UsageError:
+        return source  # the kernel says what is wrong with the line when the cell runs
     lines = source.splitlines()
     for number, line in enumerate(lines):
-        words = shlex.split(line) if line.lstrip().startswith("%durable_workflow") else []
-        if any(word == "--db" or word.startswith("--db=") for word in words):
-            kept = [word for word in words if not word.startswith("--db=")]
-            if "--db" in kept:
-                del kept[kept.index("--db"):kept.index("--db") + 2]
-            lines[number] = shlex.join([*kept, "--db", store_path])
+        workflow = _workflow_line(line.lstrip())
+        if workflow is not None and workflow.db is not None:
+            indent = line[:len(line) - len(line.lstrip())]
+            lines[number] = (f"{indent}{WORKFLOW_MAGIC} "
+                             f"{dataclasses.replace(workflow, db=None).argument_line()}")
     return "\n".join(lines)
+
+
+def _workflow_line(line: str) -> WorkflowLine | None:
+    if not line.startswith(WORKFLOW_MAGIC):
+        return None
+    try:
+        found = workflow_lines_of(line)
+    except UsageError:
+        return None
+    return found[0] if found else None
 
 
 class StoreWatcher:
@@ -135,7 +163,7 @@ class NotebookSession:
         self.notebook = nbformat.from_dict(notebook)
         for cell in self.notebook.cells:
             if cell.cell_type == "code":
-                cell.source = point_at_store(cell.source, store_path)
+                cell.source = without_store_option(cell.source)
         self.settings = settings
         self.result = NotebookRun(label, store_path)
         self.client = NotebookClient(
