@@ -23,9 +23,11 @@ class StepContext:
 
     @property
     def idempotency_key(self) -> str:
-        """The same for every execution of this step in this workflow (not per attempt), so an
-        API call made with it can be deduplicated when a crash makes the step run again."""
-        identity = f"{self.workflow_id}\0{self.sequence_number}\0{self.step_name}"
+        """The same for every execution of this step in this workflow (every attempt, every
+        run, and across edits of the notebook around it: it follows the workflow and the
+        step's name, not its position), so an API call made with it can be deduplicated
+        when a crash makes the step run again. Renaming the step changes it."""
+        identity = f"{self.workflow_id}\0{self.step_name}"
         return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 

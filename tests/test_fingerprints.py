@@ -221,6 +221,14 @@ def test_current_step_gives_identity_and_a_stable_idempotency_key(session: Noteb
     assert (session.ns["mine"].step_name, session.ns["mine"].sequence_number, session.ns["attempt"]) == ("send", 1, 1)
     session.ok(cell.format("--force"))
     assert session.ns["key"] == first and len(first) == 32
+    # A step inserted above it moves it to position 2: the key stays, as the service must
+    # recognise a request it already saw before a crash.
+    session.restart()
+    session.ok("%%durable_step inserted\nx = 1")
+    session.ok(cell.format("--force"))
+    assert session.ns["mine"].sequence_number == 2 and session.ns["key"] == first
+    session.ok("%%durable_step other\nimport durable_nb\nkey = durable_nb.current_step().idempotency_key")
+    assert session.ns["key"] != first
     outside = session.run("import durable_nb\ndurable_nb.current_step()")
     assert "outside a durable step" in str(outside.error)
 
