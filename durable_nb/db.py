@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import duckdb
 
-from .errors import StoreCorruptError, StoreError, StoreLockedError, StoreVersionError
+from .errors import (StoreCorruptError, StoreError, StoreLockedError, StoreReadOnlyError,
+                     StoreVersionError)
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,8 @@ def check_integrity(data: Any, check: str | None, index: int) -> bool:
     """Whether a chunk's bytes match the check recorded for them (`integrity_check`)."""
     return check is None or integrity_check(data, index) == check
 
+_NOT_WRITABLE = ("Permission denied", "Operation not permitted", "Read-only file system")
+
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?)(?:\. See also|$)")
 
 Connection = duckdb.DuckDBPyConnection
@@ -208,6 +211,9 @@ class Database:
         # Called as listener(old file_state, new file_state) after a checkpoint on close.
         self.checkpoint_listeners: list[Callable[[Any, Any], None]] = []
         self._release_timer: threading.Timer | None = None
+        # Known once a connection was opened: a store whose file or folder this process
+        # cannot write is opened read-only (it replays; a step that must execute says so).
+        self.read_only: bool | None = None
 
     def __repr__(self) -> str:
         return f"Database({self.path!r})"
@@ -248,6 +254,14 @@ class Database:
                     self._schedule_release()
                 else:
                     self._close(connection)
+
+    def check_writable(self, what: str) -> None:
+        """StoreReadOnlyError, saying that `what` cannot be done, if the store is read-only."""
+        if self.read_only is None:
+            with self.connect():
+                pass
+        if self.read_only:
+            raise StoreReadOnlyError(self.path, f"{what} cannot be done")
 
     def release(self) -> None:
         """Close a lingering connection now (releasing the file lock)."""
@@ -298,12 +312,13 @@ class Database:
     def _open(self) -> Connection:
         connection = self._open_with_retry()
         try:
-            # Closing must not touch the files, so that a reader can tell from `stat`
-            # alone whether anyone wrote since it read (see file_state). DuckDB still
-            # checkpoints the WAL into the file when a commit takes it past the
-            # threshold, while the writer holds the lock.
-            connection.execute("PRAGMA disable_checkpoint_on_shutdown")
-            connection.execute("SET checkpoint_threshold = '4MB'")
+            if not self.read_only:
+                # Closing must not touch the files, so that a reader can tell from `stat`
+                # alone whether anyone wrote since it read (see file_state). DuckDB still
+                # checkpoints the WAL into the file when a commit takes it past the
+                # threshold, while the writer holds the lock.
+                connection.execute("PRAGMA disable_checkpoint_on_shutdown")
+                connection.execute("SET checkpoint_threshold = '4MB'")
             self._ensure_schema(connection)
         except BaseException:
             connection.close()
@@ -323,9 +338,16 @@ class Database:
         started = time.monotonic()
         while True:
             try:
-                return duckdb.connect(self.path)
+                connection = duckdb.connect(self.path, read_only=bool(self.read_only))
+                self.read_only = bool(self.read_only)
+                return connection
             except duckdb.IOException as exc:
                 message = str(exc)
+                if not self.read_only and os.path.exists(self.path) and any(
+                        text in message for text in _NOT_WRITABLE):
+                    self.read_only = True  # a read-only file, folder or file system
+                    log.info("Store %s is not writable: opening it read-only", self.path)
+                    continue
                 if "not a valid DuckDB database file" in message or "Corrupt" in message:
                     raise StoreCorruptError(self.path, "it is not a valid DuckDB database file") from exc
                 if "lock" not in message.lower():
@@ -356,6 +378,10 @@ class Database:
             log.info("Created durable_nb store %s", self.path)
         if found > SCHEMA_VERSION:
             raise StoreVersionError(self.path, found, SCHEMA_VERSION)
+        if found < SCHEMA_VERSION and self.read_only:
+            raise StoreReadOnlyError(self.path, f"it has schema version {found} and must be "
+                                     f"migrated to {SCHEMA_VERSION} first: open it once where "
+                                     "it is writable (any durable-nb command does)")
         for version in range(found, SCHEMA_VERSION):
             self._apply(connection, _MIGRATIONS[version], version + 1)
             log.info("Migrated store %s to schema %d", self.path, version + 1)
@@ -378,7 +404,13 @@ class Database:
         ).fetchone()
         if row is None:
             raise duckdb.Error("its metadata has no schema_version")
-        return int(row[0])
+        try:
+            version = int(row[0])
+        except ValueError:
+            raise duckdb.Error(f"its schema_version is {row[0]!r}, not a number") from None
+        if version < 1:
+            raise duckdb.Error(f"its schema_version is {version}; versions start at 1")
+        return version
 
     @staticmethod
     def _apply(connection: Connection, statements: Sequence[str] | Callable[[Connection], None],

@@ -48,6 +48,19 @@ class StoreCorruptError(StoreError):
         )
 
 
+class StoreReadOnlyError(StoreError):
+    """A store this process cannot write: its steps replay, nothing can be recorded."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(
+            path,
+            f"The store {path!r} is read-only (its file or folder is not writable here): "
+            f"{detail}. Its steps replay; to record new ones, point the notebook at a "
+            "writable store (`%durable_workflow NAME --db PATH`, after copying this one there "
+            "to keep its steps).",
+        )
+
+
 class StoreVersionError(StoreError):
     def __init__(self, path: str, found: int, supported: int) -> None:
         self.found = found

@@ -228,6 +228,7 @@ class StepStore:
     def trust(self) -> int:
         """Sign every step of the store with this user's secret (`durable-nb trust`): the
         user vouches for it. Returns how many rows were signed anew."""
+        self.database.check_writable("signing its steps")
         self._snapshots.clear()
         with self.database.transaction() as connection:
             rows = connection.execute(f"SELECT {_SIGNED}, inline_data, signature FROM steps").fetchall()
@@ -308,6 +309,7 @@ class StepStore:
         after that position stale (in the history, never replayed). A failed record never
         replaces a completed one: it is kept beside it, superseded.
         """
+        self.database.check_writable(f"recording step {record.step_name!r}")
         placed = _Placed.of(self, variables, outputs)
         previous = self._snapshots.pop(record.workflow_id, None)
         self._snapshots.clear()
@@ -334,6 +336,7 @@ class StepStore:
 
     def delete_steps(self, workflow_id: str, from_sequence_number: int = 1) -> int:
         """Forget a workflow's steps from a position on (all revisions); returns how many."""
+        self.database.check_writable("forgetting steps")
         self._snapshots.clear()
         with self.database.transaction() as connection:
             return self._delete_txn(connection, workflow_id, from_sequence_number)
@@ -365,6 +368,7 @@ class StepStore:
         if not (isinstance(grace_seconds, (int, float)) and math.isfinite(grace_seconds)
                 and grace_seconds >= 0):
             raise ValueError(f"gc's grace must be a number of seconds >= 0, not {grace_seconds!r}")
+        self.database.check_writable("removing payload files")
         if not os.path.isdir(self.blob_dir):
             return 0
         removed = 0
@@ -573,6 +577,7 @@ class StepStore:
         over the file while this process still holds both files, so no commit by another
         process can fall in between (a waiting one then opens the new file).
         """
+        self.database.check_writable("compacting it")
         fresh = self.path + ".compacting"
         self._remove_copy(fresh)
         self._snapshots.clear()

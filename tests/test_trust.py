@@ -11,7 +11,10 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import duckdb
 import nbformat
@@ -175,3 +178,47 @@ def test_a_damaged_payload_file_executes_the_step_again_or_stops_strict_mode(
     stopped = session.run(cell)
     assert "is damaged" in str(stopped.error) and "Strict mode stops here" in str(stopped.error)
     assert runs(counter) == ["make", "make"] and "arr" not in session.ns
+
+
+@contextmanager
+def made_read_only(*paths: Path) -> Iterator[None]:
+    """The paths unwritable for this process: chmod for a user, the immutable attribute for
+    root (who writes through permission bits); skipped where neither is possible."""
+    if os.geteuid() != 0:
+        modes = {path: path.stat().st_mode for path in paths}
+        for path in paths:
+            path.chmod(modes[path] & ~0o222)
+        try:
+            yield
+        finally:
+            for path in paths:
+                path.chmod(modes[path])
+        return
+    if shutil.which("chattr") is None or subprocess.run(
+            ["chattr", "+i", *map(str, paths)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a file read-only for root here (chattr +i refused)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, paths)], check=True)
+
+
+def test_a_read_only_store_replays_and_says_why_a_new_step_cannot_be_recorded(
+        session: NotebookSession, counter: Path, tmp_path: Path) -> None:
+    cells = [counted_step(counter, "make", "import numpy as np\narr = np.arange(100_000.0)"),
+             counted_step(counter, "total", "total = float(arr.sum())\nprint(total)")]
+    for cell in cells:
+        session.ok(cell)
+    session.shell.magics_manager.registry["DurableMagics"].executor.close()
+    store = session.store_path
+    blobs = [Path(d) for d, _, _ in os.walk(f"{store}.blobs")]
+    with made_read_only(store, store.parent, *blobs):
+        session.restart()
+        assert session.ok(cells[0]).stdout == "" and session.ok(cells[1]).stdout == "4999950000.0\n"
+        assert runs(counter) == ["make", "total"] and float(session.ns["arr"][7]) == 7.0
+        refused = session.run(counted_step(counter, "new", "x = 1"))
+        assert "is read-only" in str(refused.error) and "recording step 'new'" in str(refused.error)
+        assert session.ns["x"] == 1  # it ran; the message says it will not replay
+        listing = durable_nb("status", "test-workflow", "--db", str(store), cwd=tmp_path)
+        assert listing.returncode == 0 and "make" in listing.stdout, listing.stderr
+    assert not (tmp_path / "store.duckdb.wal").exists()
