@@ -11,7 +11,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = ["AmbientState", "Workflow", "__version__", "current_step", "load_ipython_extension",
-           "register_ambient", "unload_ipython_extension"]
+           "map", "register_ambient", "unload_ipython_extension"]
 
 
 def load_ipython_extension(shell: Any) -> None:
@@ -41,6 +41,10 @@ def __getattr__(name: str) -> Any:
         from .context import current_step
 
         return current_step
+    if name == "map":
+        from .parallel import map
+
+        return map
     if name in ("AmbientState", "register_ambient"):
         from . import ambient
 

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import DurableError
 
@@ -40,8 +40,10 @@ def command_run(arguments: argparse.Namespace) -> int:
     from .progress import RunProgress
     from .runner import NotebookRunner
 
+    _check_output_path(arguments.output)  # before the run, not after it
+    timeout = None if arguments.timeout is None else math.ceil(arguments.timeout)  # nbclient: int
     runner = NotebookRunner(arguments.notebook, workflow=arguments.workflow, db=arguments.db,
-                            max_restarts=arguments.max_restarts, cell_timeout=arguments.timeout)
+                            max_restarts=arguments.max_restarts, cell_timeout=timeout)
     live = {"live": True, "plain": False}.get(arguments.progress, sys.stdout.isatty())
     progress = RunProgress(sys.stdout, runner.step_count, live=live)
     runner.on_event = progress
@@ -55,7 +57,7 @@ def command_run(arguments: argparse.Namespace) -> int:
     print(f"done after {result.attempts} attempt(s): {len(executed)} step execution(s), "
           f"{len(replayed)} replayed in the last attempt (saved {saved:.1f} s); store {runner.store_path}")
     if arguments.output:
-        nbformat.write(result.notebook, arguments.output)
+        _write_output(arguments.output, lambda: nbformat.write(result.notebook, arguments.output))
         print(f"wrote {arguments.output}")
     return 0
 
@@ -110,14 +112,20 @@ def command_status(arguments: argparse.Namespace) -> int:
     from . import status
 
     store = _open_store(arguments)
-    rows = status.stored_rows(require_workflow(store, arguments.workflow))
+    maps = store.item_progress(arguments.workflow)  # steps interrupted inside durable_nb.map
+    records = store.live_steps(arguments.workflow) if maps else require_workflow(store, arguments.workflow)
+    rows = status.stored_rows(records)
     print(f"workflow {arguments.workflow} in {store.path}")
     print(status.summarize(rows))
     print(status.render_text(rows))
+    for name, (done, total) in maps.items():
+        print(f"step {name!r} has not completed: its durable_nb.map recorded {done} of {total} "
+              f"items; running it again executes only the other {total - done}")
     return 0
 
 
 def command_export(arguments: argparse.Namespace) -> int:
+    _check_output_path(arguments.output)
     store = _open_store(arguments)
     records = require_workflow(store, arguments.workflow)
     if arguments.include_superseded:
@@ -130,7 +138,8 @@ def command_export(arguments: argparse.Namespace) -> int:
     }
     text = json.dumps(document, indent=1, default=json_value, ensure_ascii=False) + "\n"
     if arguments.output:
-        Path(arguments.output).write_text(text, encoding="utf-8")
+        _write_output(arguments.output,
+                      lambda: Path(arguments.output).write_text(text, encoding="utf-8"))
         print(f"wrote {len(records)} step(s) of {arguments.workflow!r} to {arguments.output}")
     else:
         sys.stdout.write(text)
@@ -202,6 +211,38 @@ def command_trust(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def command_recover(arguments: argparse.Namespace) -> int:
+    from .executor import resolve_store_path
+    from .store import recover_store
+
+    path = resolve_store_path(arguments.db)
+    if not os.path.isfile(path):
+        raise DurableError(f"No store at {path}: pass --db PATH (or set DURABLE_NB_DB).")
+    target = os.path.abspath(arguments.output or recovered_path(path))
+    _check_output_path(target)
+    report = recover_store(path, target, lock_timeout=arguments.lock_timeout)
+    print(f"recovering {report.source}: read {report.how}")
+    for note in report.notes:
+        print(f"  note: {note}")
+    for workflow in report.workflows:
+        print(f"  {workflow.summary()}")
+    if any(report.items):
+        print(f"  durable_nb.map items: kept {report.items[0]}, dropped {report.items[1]}")
+    kept = sum(workflow.kept for workflow in report.workflows)
+    print(f"wrote {kept} step(s) of {len(report.workflows)} workflow(s) and {report.payload_files} "
+          f"payload file(s) to {report.target}; the original is unchanged. Check it "
+          f"(durable-nb list --db {report.target}), then use it with --db, or move it and its "
+          ".blobs folder into the original's place. Signatures are kept as they were: steps "
+          "that did not replay here before recovering do not replay now either.")
+    return 0
+
+
+def recovered_path(path: str) -> str:
+    """Where recover writes by default: `NAME.recovered.duckdb` beside `NAME.duckdb`."""
+    stem = path[:-len(".duckdb")] if path.endswith(".duckdb") else path
+    return stem + ".recovered.duckdb"
+
+
 def _payload_bytes(store: StepStore) -> int:
     return sum(os.path.getsize(os.path.join(directory, name))
                for directory, _, names in os.walk(store.blob_dir) for name in names)
@@ -228,6 +269,53 @@ def require_workflow(store: StepStore, workflow_id: str) -> list[StepRecord]:
     return steps
 
 
+def _check_output_path(path: str | None) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise DurableError(f"Cannot write {path}: it is a folder. Pass a file name with -o.")
+    if not os.path.isdir(folder):
+        raise DurableError(f"Cannot write {path}: the folder {folder} does not exist. Create it, "
+                           "or pass another path with -o.")
+
+
+def _write_output(path: str, write: Callable[[], object]) -> None:
+    try:
+        write()
+    except OSError as exc:
+        raise DurableError(f"Cannot write {path}: {exc.strerror or exc}. Nothing recorded was "
+                           "lost: run the command again with another -o.") from exc
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, 0 or more")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """A number of seconds > 0 (argparse type): 0, nan, inf and negatives are refused."""
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds greater than 0")
+    return value
+
+
+def _not_empty(text: str) -> str:
+    """A path or a name (argparse type): an empty one would silently mean the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: give a value, or leave the option out for "
+                                         "the default")
+    return text
+
+
 def _seconds(text: str) -> float:
     """A number of seconds >= 0 (argparse type): nan, inf and negatives are refused."""
     try:
@@ -243,9 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="durable-nb", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     store_options = argparse.ArgumentParser(add_help=False)
-    store_options.add_argument("--db", metavar="PATH",
+    store_options.add_argument("--db", metavar="PATH", type=_not_empty,
                                help="The store (default: $DURABLE_NB_DB, else durable_nb.duckdb here).")
-    store_options.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+    store_options.add_argument("--lock-timeout", type=_seconds, default=None, metavar="SECONDS",
                                help="How long to wait for a store another process holds "
                                     "(default: $DURABLE_NB_LOCK_TIMEOUT, else 30).")
     progress_options = argparse.ArgumentParser(add_help=False)
@@ -256,16 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[progress_options],
                               help="Run a notebook headless; restart and resume if its kernel dies.")
     run.add_argument("notebook")
-    run.add_argument("--output", "-o", help="Write the executed notebook here.")
-    run.add_argument("--max-restarts", type=int, default=3, metavar="N")
-    run.add_argument("--workflow", help="Workflow name (default: the notebook's file name).")
-    run.add_argument("--db", help="Store file (default: durable_nb.duckdb beside the notebook).")
-    run.add_argument("--timeout", type=int, default=None, help="Seconds one cell may run.")
+    run.add_argument("--output", "-o", type=_not_empty, help="Write the executed notebook here.")
+    run.add_argument("--max-restarts", type=_count, default=3, metavar="N",
+                     help="How many times to restart a kernel that died (default: 3).")
+    run.add_argument("--workflow", type=_not_empty,
+                     help="Workflow name (default: the notebook's file name).")
+    run.add_argument("--db", type=_not_empty,
+                     help="Store file (default: durable_nb.duckdb beside the notebook).")
+    run.add_argument("--timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                     help="Seconds one cell may run (rounded up to whole seconds).")
     run.set_defaults(handler=command_run)
 
     demo = commands.add_parser("demo", parents=[progress_options],
                                help="Crash and resume the quickstart notebook, in a scratch folder.")
-    demo.add_argument("--output", "-o", help="Write the executed notebook here.")
+    demo.add_argument("--output", "-o", type=_not_empty, help="Write the executed notebook here.")
     demo.set_defaults(handler=command_demo)
 
     listing = commands.add_parser("list", parents=[store_options], help="Workflows in a store.")
@@ -299,10 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
              "unpickles their state, which can run code.")
     trust.set_defaults(handler=command_trust)
 
+    recover = commands.add_parser(
+        "recover", parents=[store_options],
+        help="Copy every intact step of a damaged store into a fresh store beside it (the "
+             "original is only read); say per workflow what was kept and what was dropped.")
+    recover.add_argument("--output", "-o", type=_not_empty, metavar="NEW_PATH",
+                         help="The new store (default: NAME.recovered.duckdb beside NAME.duckdb); "
+                              "never overwritten.")
+    recover.set_defaults(handler=command_recover)
+
     export = commands.add_parser("export", parents=[store_options],
                                  help="A workflow's steps and outputs as JSON.")
     export.add_argument("workflow")
-    export.add_argument("--output", "-o", help="Write the JSON here instead of to stdout.")
+    export.add_argument("--output", "-o", type=_not_empty, help="Write the JSON here instead of to stdout.")
     export.add_argument("--include-superseded", action="store_true",
                         help="Also the records a diverged history superseded.")
     export.set_defaults(handler=command_export)

@@ -8,8 +8,8 @@ import random
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 from .errors import DurableError, NotInStepError, StepTimeoutError
 
@@ -20,6 +20,10 @@ class StepContext:
     sequence_number: int
     step_name: str
     attempt: int  # 1 for the first try, 2 for the first retry, ...
+    # Where durable_nb.map records its items (parallel.py): the step's store, and a
+    # callback told (items done, items in all) as they complete. Set by the executor.
+    store: Any = field(default=None, repr=False, compare=False)
+    on_items: Callable[[int, int], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def idempotency_key(self) -> str:
@@ -56,6 +60,22 @@ def backoff_delay(attempt: int, backoff: float, max_backoff: float) -> float:
     """Exponential backoff with 'equal jitter': half the delay fixed, half random."""
     delay = min(backoff * 2 ** (attempt - 1), max_backoff)
     return delay / 2 + random.uniform(0, delay / 2)
+
+
+@contextmanager
+def interrupts_held() -> Iterator[list[int]]:
+    """Hold back kernel interrupts (SIGINT, the Stop button) while the block runs: a commit
+    is finished, not cut short. The list it yields gains an entry per interrupt that came;
+    the caller raises once the block is done. Off the main thread no signal can land here."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 class StepTimedOut(BaseException):

@@ -14,10 +14,12 @@ import logging
 import os
 import random
 import re
+import shutil
 import threading
 import time
 import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import duckdb
@@ -111,6 +113,23 @@ _FOLD_COLUMNS = [
     "ALTER TABLE steps ADD COLUMN inline_data BLOB",
     # trust.py: an HMAC over the row, with a secret of the user who wrote it; NULL before.
     "ALTER TABLE steps ADD COLUMN signature VARCHAR",
+    # durable_nb.map (parallel.py): each item's result, committed as it completes, so that
+    # a step that did not complete executes only the items that did not. Keyed by the
+    # step's name (not its position) and the item's index; used only while the item and
+    # the mapped function have the digests recorded.
+    """CREATE TABLE step_items (
+        workflow_id VARCHAR NOT NULL,
+        step_name VARCHAR NOT NULL,
+        item_index INTEGER NOT NULL,
+        item_digest VARCHAR NOT NULL,
+        function_digest VARCHAR NOT NULL,
+        item_total INTEGER NOT NULL,
+        finished_at TIMESTAMP NOT NULL,
+        duration_seconds DOUBLE NOT NULL,
+        variables VARCHAR NOT NULL,
+        inline_data BLOB,
+        signature VARCHAR,
+        PRIMARY KEY (workflow_id, step_name, item_index))""",
 ]
 
 
@@ -247,6 +266,11 @@ class Database:
             try:
                 yield connection
                 keep = self.linger_seconds > 0
+            except duckdb.Error as exc:
+                # Any query can meet a damaged page (DuckDB checks each block as it reads it).
+                if is_damage(exc):
+                    raise StoreCorruptError(self.path, damage_detail(exc)) from exc
+                raise
             finally:
                 if keep:
                     self._lingering = connection
@@ -320,6 +344,11 @@ class Database:
                 connection.execute("PRAGMA disable_checkpoint_on_shutdown")
                 connection.execute("SET checkpoint_threshold = '4MB'")
             self._ensure_schema(connection)
+        except duckdb.Error as exc:  # a damaged page met while migrating, or a pragma
+            connection.close()
+            if is_damage(exc):
+                raise StoreCorruptError(self.path, damage_detail(exc)) from exc
+            raise
         except BaseException:
             connection.close()
             raise
@@ -348,8 +377,10 @@ class Database:
                     self.read_only = True  # a read-only file, folder or file system
                     log.info("Store %s is not writable: opening it read-only", self.path)
                     continue
-                if "not a valid DuckDB database file" in message or "Corrupt" in message:
+                if "not a valid DuckDB database file" in message:
                     raise StoreCorruptError(self.path, "it is not a valid DuckDB database file") from exc
+                if is_damage(exc):  # truncated, or a damaged page or WAL
+                    raise StoreCorruptError(self.path, damage_detail(exc)) from exc
                 if "lock" not in message.lower():
                     raise StoreError(self.path, f"Could not open the store {self.path!r}: {message}") from exc
                 if time.monotonic() >= deadline:
@@ -361,7 +392,7 @@ class Database:
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.25)
             except duckdb.Error as exc:
-                raise StoreCorruptError(self.path, str(exc)) from exc
+                raise StoreCorruptError(self.path, damage_detail(exc)) from exc
 
     def _ensure_schema(self, connection: Connection) -> None:
         stat = os.stat(self.path)
@@ -371,7 +402,7 @@ class Database:
         try:
             found = self._schema_version(connection)
         except duckdb.Error as exc:
-            raise StoreCorruptError(self.path, f"reading its schema failed ({exc})") from exc
+            raise StoreCorruptError(self.path, f"reading its schema failed ({damage_detail(exc)})") from exc
         if found is None:
             self._apply(connection, _SCHEMA_V1, 1)
             found = 1
@@ -427,7 +458,7 @@ class Database:
             )
             connection.commit()
         except BaseException:
-            connection.rollback()
+            _roll_back(connection)
             raise
 
 
@@ -438,12 +469,228 @@ def atomic(connection: Connection) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        connection.rollback()
+        _roll_back(connection)
         raise
     connection.commit()
+
+
+def _roll_back(connection: Connection) -> None:
+    """Roll back, keeping the error that got us here: on a damaged file (or after DuckDB
+    invalidated the database) the rollback fails too, and its error would hide the cause."""
+    try:
+        connection.rollback()
+    except duckdb.Error as exc:
+        log.debug("Rollback failed after an error: %s", exc)
+
+
+# What DuckDB says when a file's bytes are damaged (each block carries a checksum that is
+# checked as it is read; a truncated file runs out of bytes; the WAL has per-entry checks),
+# as opposed to a lock, a permission or a bug in a query.
+_DAMAGE_MARKERS = ("Corrupt", "checksum", "Could not read enough bytes", "replaying WAL",
+                   "not a valid DuckDB database file", "Failed to deserialize", "database has been invalidated")
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether a DuckDB error says that the store's files are damaged."""
+    if isinstance(exc, (duckdb.InternalException, duckdb.FatalException,
+                        duckdb.SerializationException)):
+        return True
+    return isinstance(exc, duckdb.Error) and any(marker in str(exc) for marker in _DAMAGE_MARKERS)
+
+
+def damage_detail(exc: BaseException) -> str:
+    """DuckDB's account of the damage, in one line, naming the WAL when it is the WAL."""
+    text = " ".join(str(exc).split())
+    if "replaying WAL" in text:
+        return f"its WAL file (the .wal beside it, which holds its latest commits) is damaged ({text})"
+    return text
 
 
 def fetch_dicts(connection: Connection, query: str, parameters: Sequence[Any] = ()) -> list[dict[str, Any]]:
     cursor = connection.execute(query, list(parameters))
     columns = [description[0] for description in cursor.description]
     return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+
+# -- salvage (durable-nb recover) ---------------------------------------------------------
+
+# The tables recover copies, with the columns that name a row.
+SALVAGED_TABLES = {"steps": ("workflow_id", "sequence_number", "revision"),
+                   "step_items": ("workflow_id", "step_name", "item_index")}
+
+_WAL_DAMAGE_AT = re.compile(r"entry at byte position (\d+)")
+
+
+@dataclass
+class Salvage:
+    """What could be read from a store's files: rows by table, as dicts, and the names (key
+    columns) of the rows that could not be read."""
+
+    how: str  # which copy was read: with its whole WAL, part of it, or none
+    notes: list[str] = field(default_factory=list)  # what was lost on the way, and why
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    unreadable: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def salvage(path: str, scratch: str, lock_timeout: float | None = None) -> Salvage:
+    """Every row that can be read from the store at `path`, which is never written to.
+
+    The file (and its WAL) is copied into `scratch` and read there, in turn: with the whole
+    WAL; with the longest start of a damaged WAL that DuckDB can replay (the commits before
+    the damage); with no WAL. Rows that a damaged page hides are read one by one, and the
+    ones that cannot be read are named. StoreCorruptError if DuckDB cannot open any copy.
+    """
+    original = os.path.join(scratch, "original.duckdb")
+    with _held_for_reading(path, lock_timeout_or_default(lock_timeout)):
+        shutil.copyfile(path, original)
+        wal = _read_if_there(path + ".wal")
+    copy = os.path.join(scratch, "store.duckdb")
+    notes: list[str] = []
+    choices: list[tuple[str, bytes | None]] = [("the database file with its WAL", wal)] if wal else []
+    choices.append(("the database file without its WAL" if wal else "the database file", None))
+    failure: duckdb.Error | None = None
+    while choices:
+        how, wal_bytes = choices.pop(0)
+        try:
+            connection = _open_copy(original, copy, wal_bytes)
+        except duckdb.Error as exc:
+            failure = exc
+            if wal and wal_bytes is wal and "replaying WAL" in str(exc):
+                length = _replayable_length(original, copy, wal, exc)
+                if length:
+                    notes.append(f"its WAL is damaged at byte {length} of {len(wal)}: the "
+                                 "commits before that point are kept, the ones after it are lost")
+                    choices.insert(0, (f"the database file with the first {length} bytes of "
+                                       "its WAL", wal[:length]))
+                else:
+                    notes.append("its WAL is damaged from its start: the commits it held are lost")
+            else:
+                notes.append(f"{how} could not be opened ({damage_detail(exc)})")
+            continue
+        connection.close()
+        found = Salvage(how, notes)
+        _migrate_copy(copy, found)
+        for table, key in SALVAGED_TABLES.items():
+            _salvage_table(copy, table, key, found)
+        return found
+    raise StoreCorruptError(path, "DuckDB cannot open it, with or without its WAL "
+                            f"({damage_detail(failure) if failure else 'no copy could be read'})")
+
+
+def _replayable_length(original: str, copy: str, wal: bytes, failure: duckdb.Error) -> int:
+    """How much of a damaged WAL DuckDB replays: it ignores a torn last entry, so a WAL cut
+    before the damaged entry replays every commit before it. DuckDB names the damaged
+    entry's offset; failing that, the longest start that replays is searched for."""
+    def replays(length: int) -> bool:
+        try:
+            _open_copy(original, copy, wal[:length]).close()
+            return True
+        except duckdb.Error:
+            return False
+
+    named = [int(found) for found in _WAL_DAMAGE_AT.findall(str(failure))]
+    if named and 0 < named[0] < len(wal) and replays(named[0]):
+        return named[0]
+    low, high = 0, len(wal)  # a start of `low` bytes replays (none does), `high` does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if replays(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _open_copy(original: str, copy: str, wal: bytes | None) -> Connection:
+    """A read-write connection to a fresh copy of `original`, with `wal` beside it."""
+    for stale in (copy, copy + ".wal"):
+        if os.path.exists(stale):
+            os.remove(stale)
+    shutil.copyfile(original, copy)
+    if wal:
+        with open(copy + ".wal", "wb") as handle:
+            handle.write(wal)
+    return duckdb.connect(copy)
+
+
+def _migrate_copy(copy: str, found: Salvage) -> None:
+    """Bring the copy to the current schema as an open would (StoreVersionError for a store
+    from a newer durable_nb); a schema version that cannot be read is noted, and the rows
+    read as they are."""
+    try:
+        with Database(copy, lock_timeout=0).connect():
+            pass
+    except StoreCorruptError as exc:
+        found.notes.append(f"its schema could not be checked ({exc.detail}): its rows were "
+                           "read as they are")
+
+
+def _salvage_table(copy: str, table: str, key: Sequence[str], found: Salvage) -> None:
+    """The table's readable rows into `found`: all at once, else one by one."""
+    connection = duckdb.connect(copy)
+    try:
+        columns = [row[0] for row in connection.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = 'main' "
+            "AND table_name = ? ORDER BY ordinal_position", [table]).fetchall()]
+        if not columns:
+            return
+        try:
+            found.rows[table] = fetch_dicts(connection, f"SELECT * FROM {table}")
+            return
+        except duckdb.Error as exc:
+            found.notes.append(f"its {table} table has damaged pages ({damage_detail(exc)}): "
+                               "rows read one by one")
+        connection.close()
+        connection = duckdb.connect(copy)  # DuckDB may have invalidated the database
+        try:
+            keys = fetch_dicts(connection, f"SELECT {', '.join(key)} FROM {table}")
+        except duckdb.Error as exc:
+            found.notes.append(f"no row of its {table} table can be read ({damage_detail(exc)})")
+            return
+        rows, unreadable = [], []
+        where = " AND ".join(f"{column} = ?" for column in key)
+        for names in keys:
+            try:
+                rows.extend(fetch_dicts(connection, f"SELECT * FROM {table} WHERE {where}",
+                                        list(names.values())))
+            except duckdb.Error:
+                unreadable.append(names)
+                connection.close()
+                connection = duckdb.connect(copy)
+        found.rows[table], found.unreadable[table] = rows, unreadable
+    finally:
+        connection.close()
+
+
+@contextmanager
+def _held_for_reading(path: str, lock_timeout: float) -> Iterator[None]:
+    """Hold the store open read-only while it is copied, so that no commit falls in between
+    (StoreLockedError if a writer keeps it past the timeout). A file DuckDB cannot open is
+    copied as it is: no writer can open it either."""
+    started = time.monotonic()
+    while True:
+        try:
+            connection = duckdb.connect(path, read_only=True)
+            break
+        except duckdb.Error as exc:
+            message = str(exc)
+            if "lock" not in message.lower() or is_damage(exc):
+                yield
+                return
+            if time.monotonic() - started >= lock_timeout:
+                match = _LOCK_HOLDER.search(message)
+                holder = match.group(1).strip() if match else "unknown process"
+                raise StoreLockedError(path, time.monotonic() - started, holder) from exc
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        connection.close()
+
+
+def _read_if_there(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None

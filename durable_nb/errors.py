@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DurableError(Exception):
     """Base class of every error durable_nb raises on purpose."""
@@ -40,12 +42,23 @@ class StoreLockedError(StoreError):
 
 class StoreCorruptError(StoreError):
     def __init__(self, path: str, detail: str) -> None:
+        self.detail = detail
         super().__init__(
             path,
-            f"{path!r} cannot be opened as a durable_nb store: {detail}. "
-            "Move the file aside (keep it if you may need its steps) and run again: "
-            "durable_nb then starts a new, empty store.",
+            f"{path!r} cannot be opened as a durable_nb store: {detail}. Nothing was changed. "
+            f"`durable-nb recover --db {path}` copies every intact step into a fresh store "
+            "beside it (the original stays as it is). Or move the file (and its .wal) aside, "
+            "keeping it if you may need its steps, and run again: durable_nb then starts a new, "
+            "empty store.",
         )
+
+
+class RecoveryError(StoreError):
+    """`durable-nb recover` could not write a fresh store, or found nothing to salvage."""
+
+    def __init__(self, path: str, problem: str, advice: str) -> None:
+        self.problem = problem
+        super().__init__(path, f"Cannot recover {path!r}: {problem}. {advice}")
 
 
 class StoreReadOnlyError(StoreError):
@@ -169,6 +182,20 @@ class NotInStepError(DurableError):
                          "code of a `%%durable_step` cell (or a function that cell calls).")
 
 
+class StepInterrupted(KeyboardInterrupt):
+    """A kernel interrupt that came after a step's code had finished, while its record was
+    being committed: held back until the commit was done, then raised (so Run All stops)."""
+
+    def __init__(self, step_name: str) -> None:
+        self.step_name = step_name
+        super().__init__(f"Step {step_name!r} was interrupted after its code had finished, "
+                         "while its record was being committed; the commit was completed first: "
+                         "the step was recorded and will replay when run again. Nothing is lost.")
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return type(self), (self.step_name,)
+
+
 class StepNotRecordedError(DurableError):
     """The step's code ran, but its record could not be committed."""
 
@@ -190,3 +217,18 @@ class StepNotRecordedError(DurableError):
                        "executes again when next run. Run the cell again once the cause is fixed.")
         super().__init__(f"Step {step_name!r} ran, but its record could not be committed: "
                          f"{why}. {outcome}")
+
+
+class MapItemError(DurableError):
+    """An item of durable_nb.map raised; the items that completed are recorded."""
+
+    def __init__(self, step_name: str, index: int, item: Any, cause: BaseException,
+                 recorded: int, total: int) -> None:
+        self.step_name = step_name
+        self.index = index
+        shown = repr(item)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        super().__init__(
+            f"Item {index} ({shown}) of durable_nb.map in step {step_name!r} failed: "
+            f"{type(cause).__name__}: {cause}. {recorded} of {total} items are recorded: "
+            "running the step again (or --retries) executes only the others.")

@@ -22,10 +22,10 @@ from . import ambient, state
 from .cell import compile_cell, run_compiled
 from .codec import (ChangedInPlace, DecodedState, Unstorable, apply_state, decode_state,
                     encode_state)
-from .context import StepContext, backoff_delay, deadline, running
+from .context import StepContext, backoff_delay, deadline, interrupts_held, running
 from .decision import Decision, decide
 from .errors import (DurableError, DuplicateStepError, NonDeterminismError, PayloadCorruptError,
-                     StepNotRecordedError, StoreLockedError, StrictReplayError,
+                     StepInterrupted, StepNotRecordedError, StoreLockedError, StrictReplayError,
                      UntrustedStepError,
                      WorkflowNotNamedError)
 from .options import StepOptions
@@ -187,6 +187,12 @@ class DurableExecutor:
         self._emit(StepEvent(workflow_id, position, step_name or "", "reset", "reset"))
         return count
 
+    def _items_done(self, workflow_id: str, step_name: str, decision: Decision, attempt: int,
+                    done: int, total: int) -> None:
+        """durable_nb.map's progress, shown as the running step's reason."""
+        self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "running",
+                             f"{decision.reason} · map: {done}/{total} items", attempt=attempt))
+
     def _emit(self, event: StepEvent) -> None:
         for listener in list(self._listeners):
             try:
@@ -269,13 +275,16 @@ class DurableExecutor:
         pending = self._pending
         if pending is None:
             return
-        try:
-            completed = pending.commit()
-        except StoreLockedError as exc:
-            raise StepNotRecordedError(pending.step_name, exc, pending=True) from exc
-        self._pending = None
-        log.info("Committed step %r, which had waited for the store", pending.step_name)
-        pending.committed(completed)
+        with interrupts_held() as interrupts:
+            try:
+                completed = pending.commit()
+            except StoreLockedError as exc:
+                raise StepNotRecordedError(pending.step_name, exc, pending=True) from exc
+            self._pending = None
+            log.info("Committed step %r, which had waited for the store", pending.step_name)
+            pending.committed(completed)
+        if interrupts:
+            raise StepInterrupted(pending.step_name) from None
 
     def _still_there(self, step_name: str) -> dict[str, str]:
         """What this step left behind in this session that the namespace still holds."""
@@ -403,7 +412,10 @@ class DurableExecutor:
                                                 if name in namespace])
         ambient_before = ambient.snapshot()
         for attempt in range(1, options.retries + 2):
-            context = StepContext(workflow_id, decision.sequence_number, step_name, attempt)
+            context = StepContext(
+                workflow_id, decision.sequence_number, step_name, attempt, store=self.store,
+                on_items=functools.partial(self._items_done, workflow_id, step_name, decision,
+                                           attempt))
             self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "running",
                                  decision.reason, attempt=attempt))
             attempt_started = time.perf_counter()
@@ -436,19 +448,38 @@ class DurableExecutor:
                   f"failed ({attempt_errors[-1]['error']}); retrying in {delay:.2f} s",
                   file=sys.stderr, flush=True)
             time.sleep(delay)
+        # The step's code has finished: an interrupt from here on waits until its record is
+        # committed (a half-done commit would be lost work and a confusing message), then stops
+        # the cell saying that the step was recorded.
+        with interrupts_held() as interrupts:
+            unstorable = self._commit_execution(workflow_id, step_name, decision, prepare,
+                                                watch, live, ambient_before, recorder.outputs,
+                                                options)
+        if interrupts:
+            raise StepInterrupted(step_name) from None
+        return value
+
+    def _commit_execution(self, workflow_id: str, step_name: str, decision: Decision,
+                          prepare: Callable[..., Callable[[], StepRecord]],
+                          watch: state.NamespaceWatch, live: LiveObjects,
+                          ambient_before: Any, outputs: list[StoredOutput],
+                          options: StepOptions) -> list[Unstorable]:
+        """Encode what the step changed and commit its record; returns what could not be stored."""
+        __tracebackhide__ = True  # noqa: F841
+        namespace = self.host.namespace
         change = watch.changes(namespace)
         stored, unstorable = self._encode(change, watch, live,
                                           ambient.changes(ambient_before, ambient.snapshot()),
                                           options)
         unrestorable = {item.name: item.reason for item in unstorable}
-        if decision.invalidates_later and self._same_result(decision.record, recorder.outputs,
+        if decision.invalidates_later and self._same_result(decision.record, outputs,
                                                             stored, unrestorable):
             # Early cutoff, as a build system does: what later steps read is what they read
             # before, so they stay replayable.
             log.info("Step %r executed again with the same result: later steps stay "
                      "replayable", step_name)
             decision = replace(decision, invalidates_later=False)
-        commit = prepare(COMPLETED, recorder.outputs, stored, unrestorable, None)
+        commit = prepare(COMPLETED, outputs, stored, unrestorable, None)
 
         def committed(completed: StepRecord) -> None:
             self._leave_behind(step_name, namespace, {v.name: v.content_digest for v in stored
@@ -472,13 +503,15 @@ class DurableExecutor:
                   f"Step {step_name!r} completed, but these variables cannot be stored and will "
                   f"be missing when it replays: {details}. Create such objects in a plain cell "
                   f"(not a durable step), or leave them out with --exclude NAME.")
-        return value
+        return unstorable
 
     @staticmethod
     def _record_failure(prepare: Callable[..., Callable[[], StepRecord]],
                         outputs: list[StoredOutput], exc: BaseException) -> StepRecord | None:
         try:
-            return prepare(FAILED, outputs, [], {}, "".join(traceback.format_exception(exc)))()
+            # The failure is raised once recorded; an interrupt meanwhile must not replace it.
+            with interrupts_held():
+                return prepare(FAILED, outputs, [], {}, "".join(traceback.format_exception(exc)))()
         except Exception as store_exc:  # the user's own exception must come through
             exc.add_note(f"durable_nb could not record this failure: {store_exc}")
             return None

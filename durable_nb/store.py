@@ -18,6 +18,7 @@ import logging
 import math
 import mmap
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -25,8 +26,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
-from .db import Connection, Database, atomic, check_integrity, fetch_dicts, integrity_check
-from .errors import PayloadCorruptError, UnknownStepError, UntrustedStepError
+from .db import (Connection, Database, atomic, check_integrity, fetch_dicts, integrity_check,
+                 salvage)
+from .errors import PayloadCorruptError, RecoveryError, UnknownStepError, UntrustedStepError
 from .trust import Signer
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,20 @@ class StoredVariable:
 
 
 @dataclass(frozen=True)
+class StoredItem:
+    """One item of a step's `durable_nb.map`: its result, as a variable named 'result'."""
+
+    workflow_id: str
+    step_name: str
+    index: int
+    item_digest: str
+    function_digest: str
+    total: int  # how many items the map had
+    result: StoredVariable
+    duration_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class WorkflowSummary:
     workflow_id: str
     steps: int
@@ -138,6 +154,11 @@ class WorkflowSummary:
     state_bytes: int
     last_activity: datetime
     counts: dict[str, int] = field(default_factory=dict)  # live steps by status
+
+
+_EPOCH = datetime(1970, 1, 1)
+# A stand-in record naming an item in messages (_variables_from_row takes a record).
+_ITEM_RECORD = StepRecord("", 0, "", "", "", "", "", _EPOCH, _EPOCH, 0.0)
 
 
 def utc_now() -> datetime:
@@ -378,6 +399,9 @@ class StepStore:
                 for variable in json.loads(variables) for chunk in variable["chunks"] if chunk[1]}
             referenced.update(sha256 for (sha256,) in connection.execute(
                 "SELECT outputs_file FROM steps WHERE outputs_file IS NOT NULL").fetchall())
+            referenced.update(chunk[1] for (variables,) in connection.execute(
+                "SELECT variables FROM step_items").fetchall()
+                for variable in json.loads(variables) for chunk in variable["chunks"] if chunk[1])
             now = time.time()
             for directory, _, files in os.walk(self.blob_dir):
                 for name in files:
@@ -561,9 +585,66 @@ class StepStore:
         (count,) = connection.execute(
             "SELECT count(*) FROM steps WHERE workflow_id = ? AND sequence_number >= ?",
             [workflow_id, from_sequence_number]).fetchone() or (0,)
+        # The items of the maps of the steps forgotten, and of any step not recorded at all
+        # (a map interrupted before its step completed).
+        connection.execute(
+            "DELETE FROM step_items WHERE workflow_id = ? AND step_name NOT IN (SELECT "
+            "step_name FROM steps WHERE workflow_id = ? AND sequence_number < ?)",
+            [workflow_id, workflow_id, from_sequence_number])
         connection.execute("DELETE FROM steps WHERE workflow_id = ? AND sequence_number >= ?",
                            [workflow_id, from_sequence_number])
         return int(count)
+
+    # -- the items of durable_nb.map (parallel.py) ----------------------------------------
+
+    def record_item(self, item: StoredItem) -> None:
+        """Commit one map item's result (replacing an earlier one at its index)."""
+        self.database.check_writable(f"recording item {item.index} of step {item.step_name!r}")
+        placed = _Placed.of(self, [item.result], [])
+        fields = [item.workflow_id, item.step_name, item.index, item.item_digest,
+                  item.function_digest, item.total, placed.variables_json]
+        with self.database.connect() as connection:
+            placed.ensure_payload_files(self)
+            with atomic(connection):
+                connection.execute(
+                    "INSERT OR REPLACE INTO step_items (workflow_id, step_name, item_index, "
+                    "item_digest, function_digest, item_total, variables, finished_at, "
+                    "duration_seconds, inline_data, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
+                    "?, ?, ?)", [*fields, utc_now(), item.duration_seconds, placed.inline_data,
+                                 self.signer.sign(["item", *fields], placed.inline_data)])
+
+    def read_items(self, workflow_id: str, step_name: str) -> dict[int, StoredItem]:
+        """The recorded items of a step's map that this user's kernels signed, by index."""
+        with self.database.connect() as connection:
+            rows = connection.execute(
+                "SELECT workflow_id, step_name, item_index, item_digest, function_digest, "
+                "item_total, variables, inline_data, signature, duration_seconds FROM step_items "
+                "WHERE workflow_id = ? AND step_name = ? ORDER BY item_index",
+                [workflow_id, step_name]).fetchall()
+        items: dict[int, StoredItem] = {}
+        for *fields, inline_data, signature, seconds in rows:
+            if not self.signer.verify(["item", *fields], inline_data, signature):
+                log.warning("Item %d of step %r is not signed by this user: it executes again",
+                            fields[2], step_name)
+                continue
+            where = replace(_ITEM_RECORD, workflow_id=workflow_id, step_name=step_name,
+                            sequence_number=fields[2])
+            [result] = _variables_from_row(where, fields[6], inline_data)
+            items[fields[2]] = StoredItem(workflow_id, step_name, fields[2], fields[3], fields[4],
+                                          fields[5], replace(result, where=f"item {fields[2]} of "
+                                                             f"step {step_name!r}"), seconds)
+        return items
+
+    def item_progress(self, workflow_id: str) -> dict[str, tuple[int, int]]:
+        """Steps with map items recorded but no completed record: (items done, total)."""
+        with self.database.connect() as connection:
+            rows = connection.execute(
+                "SELECT step_name, count(*), max(item_total) FROM step_items i WHERE "
+                "workflow_id = ? AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.workflow_id = "
+                "i.workflow_id AND s.step_name = i.step_name AND s.status = 'completed' AND "
+                "s.superseded_at IS NULL) GROUP BY step_name ORDER BY step_name",
+                [workflow_id]).fetchall()
+        return {name: (int(done), int(total)) for name, done, total in rows}
 
 
     # -- compaction (durable-nb gc) ------------------------------------------------------
@@ -839,3 +920,218 @@ def _fsync_directory(directory: str) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+# -- salvage (durable-nb recover) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecoveredWorkflow:
+    """What recover did with one workflow's steps."""
+
+    workflow_id: str
+    kept: int  # live steps copied
+    total: int  # live steps found (or named: rows that could not be read count too)
+    dropped: tuple[str, ...] = ()  # why, in clock order
+
+    def summary(self) -> str:
+        if not self.dropped:
+            return f"{self.workflow_id}: kept {self.kept} step(s)"
+        return (f"{self.workflow_id}: kept {self.kept} of {self.total} step(s); dropped "
+                + "; ".join(self.dropped))
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    source: str
+    target: str
+    how: str  # which copy of the files was read
+    notes: tuple[str, ...]
+    workflows: tuple[RecoveredWorkflow, ...]
+    payload_files: int
+    items: tuple[int, int] = (0, 0)  # durable_nb.map items kept, dropped
+
+
+def recover_store(path: str, target: str, *, lock_timeout: float | None = None) -> RecoveryReport:
+    """Copy every intact step of the store at `path` into a new store at `target`.
+
+    The original is only read. A step is intact when its row can be read and every payload
+    file and inline chunk it refers to passes its integrity check; a step that is not is
+    dropped with every later step of its workflow (they may depend on it). Rows are copied
+    as they are, signatures included: recovering does not make a store trusted. Payload
+    files are hard-linked (they never change in place), or copied across file systems.
+    """
+    path, target = os.path.abspath(path), os.path.abspath(target)
+    for taken in (target, target + ".wal", target + ".blobs"):
+        if os.path.exists(taken) or path == target:
+            raise RecoveryError(path, f"{taken!r} exists already, and recover never overwrites",
+                                "Pass another new file name with -o NEW_PATH, or move it away.")
+    source_blobs = path + ".blobs"
+    with tempfile.TemporaryDirectory(prefix="durable-nb-recover-",
+                                     dir=os.path.dirname(target)) as scratch:
+        found = salvage(path, scratch, lock_timeout)
+    steps = found.rows.get("steps", [])
+    damage = {_step_key(row): why for row in steps
+              if (why := _step_damage(source_blobs, row)) is not None}
+    kept_rows: list[dict[str, Any]] = []
+    workflows: list[RecoveredWorkflow] = []
+    unreadable = found.unreadable.get("steps", [])
+    for workflow_id in sorted({row["workflow_id"] for row in steps}
+                              | {names["workflow_id"] for names in unreadable}):
+        kept, summary = _keep_intact(workflow_id, steps, damage, unreadable)
+        kept_rows.extend(kept)
+        workflows.append(summary)
+    items = [row for row in found.rows.get("step_items", [])
+             if _chunks_damage(source_blobs, _item_stand_in(row), row["variables"],
+                               row["inline_data"]) is None]
+    dropped_items = len(found.rows.get("step_items", [])) - len(items) \
+        + len(found.unreadable.get("step_items", []))
+    target_store = StepStore(target, lock_timeout=lock_timeout)
+    try:
+        linked = _link_payload_files(source_blobs, target_store, kept_rows + items)
+        with target_store.database.transaction() as connection:
+            _insert_rows_txn(connection, "steps", kept_rows)
+            _insert_rows_txn(connection, "step_items", items)
+        target_store.database.release()
+    except BaseException:
+        target_store.database.release()
+        for made in (target, target + ".wal"):
+            if os.path.exists(made):
+                os.remove(made)
+        shutil.rmtree(target + ".blobs", ignore_errors=True)
+        raise
+    return RecoveryReport(path, target, found.how, tuple(found.notes), tuple(workflows), linked,
+                          (len(items), dropped_items))
+
+
+def _item_stand_in(row: Mapping[str, Any]) -> StepRecord:
+    """A record naming a durable_nb.map item in messages (_variables_from_row takes one)."""
+    epoch = datetime(1970, 1, 1)
+    return StepRecord(row["workflow_id"], row["item_index"], row["step_name"], "", "", "", "",
+                      epoch, epoch, 0.0)
+
+
+def _step_key(row: Mapping[str, Any]) -> tuple[str, int, int]:
+    return row["workflow_id"], row["sequence_number"], row["revision"]
+
+
+def _keep_intact(workflow_id: str, steps: list[dict[str, Any]], damage: dict[tuple[str, int, int], str],
+                 unreadable: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], RecoveredWorkflow]:
+    """A workflow's rows before its first damaged live step, and what was dropped and why.
+    A damaged superseded row (never replayed) goes alone."""
+    mine = sorted((row for row in steps if row["workflow_id"] == workflow_id),
+                  key=lambda row: (row["sequence_number"], row["revision"]))
+    lost = [(names["sequence_number"], "its row cannot be read from the damaged file")
+            for names in unreadable if names["workflow_id"] == workflow_id]
+    live = [row for row in mine if row["superseded_at"] is None]
+    bad = sorted(lost + [(row["sequence_number"], damage[_step_key(row)]) for row in live
+                         if _step_key(row) in damage])
+    cut = bad[0][0] if bad else None
+    kept = [row for row in mine if _step_key(row) not in damage
+            and (cut is None or row["sequence_number"] < cut)]
+    dropped: list[str] = []
+    if cut is not None:
+        names = {row["sequence_number"]: row["step_name"] for row in live}
+        first = f"#{cut} {names[cut]!r}" if cut in names else f"#{cut}"
+        dropped.append(f"{first} ({bad[0][1]})")
+        after = sorted({number for number in names if number > cut}
+                       | {number for number, _ in lost if number > cut})
+        if after:
+            dropped.append(f"the {len(after)} step(s) after it, which may depend on it ("
+                           + ", ".join(f"#{n} {names[n]!r}" if n in names else f"#{n}"
+                                       for n in after) + ")")
+    aside = [row for row in mine if row["superseded_at"] is not None and _step_key(row) in damage
+             and (cut is None or row["sequence_number"] < cut)]
+    if aside:
+        dropped.append(f"{len(aside)} superseded record(s) ({damage[_step_key(aside[0])]})")
+    positions = {row["sequence_number"] for row in live} | {number for number, _ in lost}
+    kept_live = sum(1 for row in kept if row["superseded_at"] is None)
+    return kept, RecoveredWorkflow(workflow_id, kept_live, len(positions), tuple(dropped))
+
+
+def _step_damage(blob_dir: str, row: Mapping[str, Any]) -> str | None:
+    """Why a salvaged step row cannot be kept (None: it is intact): a record that does not
+    parse, a payload file missing or not holding the bytes recorded, an inline chunk that
+    fails its check."""
+    try:
+        record = _record_from_row({column: row[column]
+                                   for column in _PLAIN_COLUMNS + _JSON_COLUMNS})
+        if row["outputs_file"] is None:
+            _outputs_from_row(row["outputs"], row["output_transients"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"its record cannot be read: {type(exc).__name__}: {exc}"
+    if row["outputs_file"] is not None:
+        try:
+            with open(os.path.join(blob_dir, row["outputs_file"][:2], row["outputs_file"]), "rb") as handle:
+                if hashlib.sha256(handle.read()).hexdigest() != row["outputs_file"]:
+                    return f"its outputs' payload file {row['outputs_file']} does not hold the bytes recorded"
+        except OSError:
+            return f"its outputs' payload file {row['outputs_file']} is missing"
+    return _chunks_damage(blob_dir, record, row["variables"], row["inline_data"])
+
+
+def _chunks_damage(blob_dir: str, record: StepRecord, variables_json: str,
+                   inline_data: bytes | None) -> str | None:
+    """Why the chunks a row refers to are not all intact (None: they are)."""
+    try:
+        variables = _variables_from_row(record, variables_json, inline_data)
+    except PayloadCorruptError as exc:
+        return exc.problem.split(": ", 1)[-1].rstrip(".")
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"its list of stored values cannot be read: {type(exc).__name__}: {exc}"
+    for variable in variables:
+        for index, chunk in enumerate(variable.chunks):
+            if isinstance(chunk, BlobReference):
+                check = chunk.check or "sha256:" + chunk.sha256
+                try:
+                    with open(os.path.join(blob_dir, chunk.sha256[:2], chunk.sha256), "rb") as handle:
+                        data = handle.read()
+                except OSError:
+                    return f"the payload file {chunk.sha256} of {variable.name!r} is missing"
+                if len(data) != chunk.size_bytes or not check_integrity(
+                        data, check, 0 if chunk.check is None else index):
+                    return (f"the payload file {chunk.sha256} of {variable.name!r} does not hold "
+                            "the bytes recorded")
+            elif not check_integrity(chunk, variable.checks[index] if index < len(variable.checks)
+                                     else None, index):
+                return f"the stored bytes of {variable.name!r} do not match their recorded check"
+    return None
+
+
+def _payload_names(row: Mapping[str, Any]) -> set[str]:
+    names = {chunk[1] for variable in json.loads(row["variables"]) for chunk in variable["chunks"]
+             if chunk[1]}
+    if row.get("outputs_file"):
+        names.add(row["outputs_file"])
+    return names
+
+
+def _link_payload_files(source_blobs: str, target: StepStore, rows: list[dict[str, Any]]) -> int:
+    """The payload files the rows refer to, in the target's folder: hard links where the
+    file system allows (payload files never change in place), else copies."""
+    names = set().union(*(_payload_names(row) for row in rows)) if rows else set()
+    for name in sorted(names):
+        source, destination = os.path.join(source_blobs, name[:2], name), target.blob_path(name)
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        try:
+            os.link(source, destination)
+        except OSError:
+            with open(source, "rb") as handle:
+                target._write_blob(memoryview(handle.read()))
+    return len(names)
+
+
+def _insert_rows_txn(connection: Connection, table: str, rows: list[dict[str, Any]]) -> None:
+    """The rows, as read, into the table: the columns both stores have."""
+    if not rows:
+        return
+    present = {row[0] for row in connection.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = 'main' "
+        "AND table_name = ?", [table]).fetchall()}
+    columns = [column for column in rows[0] if column in present]
+    if not columns:
+        log.warning("The new store has no table %s: %d row(s) of it not copied", table, len(rows))
+        return
+    connection.executemany(
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+        [[row[column] for column in columns] for row in rows])
