@@ -15,9 +15,12 @@ __all__ = ["AmbientState", "Workflow", "__version__", "current_step", "load_ipyt
 
 
 def load_ipython_extension(shell: Any) -> None:
+    from . import events
     from .magics import DurableMagics
 
     shell.register_magics(DurableMagics)
+    if events.wanted():  # a headless runner listens (durable-nb run)
+        shell.magics_manager.registry["DurableMagics"].executor.add_listener(events.CommEvents())
 
 
 def unload_ipython_extension(shell: Any) -> None:

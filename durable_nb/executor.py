@@ -62,6 +62,7 @@ class StepEvent:
     seconds: float = 0.0  # how long the execution or the replay took
     record: StepRecord | None = None  # the stored record, once there is one
     attempt: int = 1
+    items: tuple[int, int] | None = None  # durable_nb.map's progress: (done, total)
 
 
 def resolve_workflow_id(explicit: str | None, notebook_path: str | None) -> str:
@@ -191,7 +192,8 @@ class DurableExecutor:
                     done: int, total: int) -> None:
         """durable_nb.map's progress, shown as the running step's reason."""
         self._emit(StepEvent(workflow_id, decision.sequence_number, step_name, "running",
-                             f"{decision.reason} · map: {done}/{total} items", attempt=attempt))
+                             f"{decision.reason} · map: {done}/{total} items", attempt=attempt,
+                             items=(done, total)))
 
     def _emit(self, event: StepEvent) -> None:
         for listener in list(self._listeners):

@@ -26,6 +26,7 @@ class RunProgress:
         self.live = live
         self._lock = threading.Lock()
         self._running: tuple[str, int, float] | None = None  # step, its number, started
+        self._map_items: tuple[int, int] | None = None  # the running step's map: done, total
         self._finished_in_attempt = 0
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
@@ -35,6 +36,8 @@ class RunProgress:
             if message.startswith("attempt "):
                 self._finished_in_attempt = 0
             self._print(message)
+        elif event.outcome == "running" and event.items is not None:
+            self._items(event.step_name, event.items)
         elif event.outcome == "running":
             self._start(event.step_name)
         else:
@@ -49,8 +52,17 @@ class RunProgress:
             self._clear_live_line()
             self._running = None
 
+    def _items(self, step_name: str, items: tuple[int, int]) -> None:
+        with self._lock:
+            if self._running is None or self._running[0] != step_name:
+                return
+            self._map_items = items
+            if self.live:
+                self._draw_live_line()
+
     def _start(self, step_name: str) -> None:
         with self._lock:
+            self._map_items = None
             self._running = (step_name, self._finished_in_attempt + 1, time.monotonic())
             if self.live:
                 self._draw_live_line()
@@ -91,6 +103,8 @@ class RunProgress:
         bar = "█" * filled + "░" * (_BAR_WIDTH - filled)
         elapsed = f"{time.monotonic() - started:.1f} s"
         line = f"  {self._counter(number)} {step_name:<24} running   {elapsed:>8}  {bar}"
+        if self._map_items is not None:
+            line += f"  map {self._map_items[0]}/{self._map_items[1]} items"
         self.stream.write("\r\x1b[K" + line)
         self.stream.flush()
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from IPython.core.error import UsageError
 
+from . import events
 from .errors import DurableError
 from .executor import DEFAULT_STORE_FILENAME
 from .magic_lines import WorkflowLine, step_line_of, workflow_lines_of
@@ -29,6 +30,7 @@ class StepOutcome:
     outcome: str  # running (as the cell starts) | executed | replayed | failed
     seconds: float
     saved_seconds: float = 0.0
+    items: tuple[int, int] | None = None  # a running durable_nb.map: (done, total)
 
 
 @dataclass
@@ -105,7 +107,9 @@ class NotebookRunner:
         else:
             self.store_path = str(self.working_directory / DEFAULT_STORE_FILENAME)
         self.environment = {**os.environ, "DURABLE_NB_WORKFLOW": workflow or self.path.name,
-                            "DURABLE_NB_DB": self.store_path}
+                            "DURABLE_NB_DB": self.store_path,
+                            # The kernel tells what each step did (events.py).
+                            events.ENVIRONMENT_VARIABLE: "comm"}
         # One handle for the whole run: its cached history makes a replayed step's check free.
         self.store = StepStore(self.store_path)
         self.max_restarts = max_restarts
@@ -129,6 +133,16 @@ class NotebookRunner:
             notebook = nbformat.from_dict(self.notebook)
             attempt_started = utc_now()
             starts: dict[int, float] = {}
+            # What the kernel reported, by step name: its last event of this attempt.
+            reported: dict[str, dict[str, Any]] = {}
+
+            def kernel_event(message: dict[str, Any]) -> None:
+                reported[message["step_name"]] = message
+                running = max(starts) if starts else 0
+                if message["status"] == "running" and message["items"] \
+                        and self.step_names.get(running) == message["step_name"]:
+                    self.on_event("", StepOutcome(attempt, running, message["step_name"], "running",
+                                                  0.0, items=tuple(message["items"])))
             self.on_event(f"attempt {attempt}: running {self.path.name} in a fresh kernel", None)
 
             def cell_start(cell: Any, cell_index: int, **_: Any) -> None:
@@ -143,7 +157,7 @@ class NotebookRunner:
                     return
                 event = self._step_event(attempt, cell_index, name, attempt_started,
                                          time.perf_counter() - starts.get(cell_index, time.perf_counter()),
-                                         execute_reply)
+                                         execute_reply, reported.get(name))
                 result.events.append(event)
                 self.on_event("", event)
 
@@ -151,6 +165,7 @@ class NotebookRunner:
                 notebook, timeout=self.cell_timeout, kernel_name=self.kernel_name,
                 resources={"metadata": {"path": str(self.working_directory)}},
                 on_cell_start=cell_start, on_cell_executed=cell_executed)
+            client.comm_open_handlers[events.COMM_TARGET] = lambda message: _EventSink(kernel_event)
             client.km = client.create_kernel_manager()
             if client.km.has_trait("transport_encryption"):
                 # Encrypted when the kernel supports it (ipykernel 7 warns on plain TCP).
@@ -176,9 +191,16 @@ class NotebookRunner:
         raise AssertionError("unreachable")
 
     def _step_event(self, attempt: int, cell_index: int, name: str, attempt_started: Any,
-                    seconds: float, execute_reply: Any) -> StepOutcome:
+                    seconds: float, execute_reply: Any,
+                    reported: dict[str, Any] | None = None) -> StepOutcome:
         if execute_reply.get("content", {}).get("status") != "ok":
             return StepOutcome(attempt, cell_index, name, "failed", seconds)
+        if reported is not None and reported["status"] in ("executed", "replayed"):
+            saved = max((reported["executed_seconds"] or 0.0) - seconds, 0.0) \
+                if reported["status"] == "replayed" else 0.0
+            return StepOutcome(attempt, cell_index, name, reported["status"], seconds,
+                               saved_seconds=saved)
+        # A kernel that did not report (an older durable_nb in it): judge from the store.
         try:
             records = {record.step_name: record
                        for record in self.store.live_steps(self.workflow)}
@@ -191,6 +213,18 @@ class NotebookRunner:
             return StepOutcome(attempt, cell_index, name, "executed", seconds)
         return StepOutcome(attempt, cell_index, name, "replayed", seconds,
                          saved_seconds=max(record.duration_seconds - seconds, 0.0))
+
+
+class _EventSink:
+    """nbclient's stand-in for a front-end comm object: hands each message's data on."""
+
+    def __init__(self, take: Callable[[dict[str, Any]], None]) -> None:
+        self.take = take
+
+    def handle_msg(self, message: dict[str, Any]) -> None:
+        data = message["content"].get("data") or {}
+        if "step_name" in data:
+            self.take(data)
 
 
 def _step_label(name: str | None) -> str:

@@ -198,3 +198,46 @@ def test_status_shows_how_far_an_interrupted_map_got(tmp_path: Path) -> None:
     shown = cli("status", "w", "--db", "s.duckdb", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert "step 'm' has not completed: its durable_nb.map recorded 3 of 5 items" in shown.stdout
+
+
+def test_durable_nb_run_hears_a_running_maps_progress_and_each_steps_outcome_from_the_kernel(
+        tmp_path: Path) -> None:
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    from durable_nb.progress import RunProgress
+    from durable_nb.runner import NotebookRunner, StepOutcome
+
+    nbformat.write(new_notebook(cells=[
+        new_code_cell("%load_ext durable_nb\nimport durable_nb, time"),
+        new_code_cell("%%durable_step sweep\n"
+                      "squares = durable_nb.map(lambda x: (time.sleep(0.05), x * x)[1], range(4))"),
+    ]), tmp_path / "maps.ipynb")
+    heard: list[StepOutcome] = []
+
+    class Stream:  # a terminal: the live line is redrawn in place
+        text = ""
+
+        def write(self, text: str) -> None:
+            Stream.text += text
+
+        def flush(self) -> None:
+            pass
+
+    progress = RunProgress(Stream(), 1, live=True)  # type: ignore[arg-type]
+
+    def listen(message: str, event: StepOutcome | None) -> None:
+        progress(message, event)
+        if event is not None:
+            heard.append(event)
+
+    NotebookRunner(tmp_path / "maps.ipynb", on_event=listen).run()
+    progress.close()
+    assert [event.items for event in heard if event.items] == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
+    assert "map 3/4 items" in Stream.text
+    assert [(event.step_name, event.outcome) for event in heard if not event.items] == [
+        ("sweep", "running"), ("sweep", "executed")]
+    heard.clear()
+    NotebookRunner(tmp_path / "maps.ipynb", on_event=listen).run()
+    assert [(event.step_name, event.outcome) for event in heard] == [
+        ("sweep", "running"), ("sweep", "replayed")]
