@@ -2,17 +2,19 @@
 
 Nesting `shell.run_cell` inside the magic would turn the last expression into a
 display_data and print a second traceback when the body raises; compiling the body
-ourselves keeps both as in a plain cell.
+ourselves keeps both as in a plain cell. The host parses it (an IPython shell applies its
+registered AST transformers, as for any cell) and lends its compiler.
 """
 
 from __future__ import annotations
 
 import ast
-import io
 import tokenize
 from dataclasses import dataclass
 from types import CodeType
-from typing import Any
+from typing import Any, Callable
+
+from IPython.core.displayhook import DisplayHook
 
 
 @dataclass(frozen=True)
@@ -22,14 +24,17 @@ class CompiledCell:
     silent: bool  # the last line ends with ';'
 
 
-def compile_cell(source: str, filename: str) -> CompiledCell:
-    tree = ast.parse(source, filename=filename, mode="exec")
+def compile_cell(tree: ast.Module, source: str, filename: str,
+                 compiler: Callable[..., CodeType] = compile) -> CompiledCell:
+    """A parsed (and AST-transformed) cell body, its last expression split off as IPython's
+    `last_expr` interactivity does, compiled with the shell's compiler (which carries the
+    session's `from __future__` flags)."""
     last_expression = None
     last = tree.body[-1] if tree.body else None
     if isinstance(last, ast.Expr):
         tree.body.pop()
-        last_expression = compile(ast.Expression(last.value), filename, "eval")
-    body = compile(tree, filename, "exec")
+        last_expression = compiler(ast.Expression(last.value), filename, "eval")
+    body = compiler(tree, filename, "exec")
     return CompiledCell(body, last_expression, ends_with_semicolon(source))
 
 
@@ -44,11 +49,8 @@ def run_compiled(cell: CompiledCell, namespace: dict[str, Any]) -> Any:
 
 
 def ends_with_semicolon(source: str) -> bool:
-    """IPython's rule: a ';' as the last token (comments aside) silences the result."""
+    """IPython's rule (its display hook's): a ';' as the last token silences the result."""
     try:
-        tokens = [token for token in tokenize.generate_tokens(io.StringIO(source).readline)
-                  if token.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE,
-                                        tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)]
+        return bool(DisplayHook.semicolon_at_end_of_expression(source))
     except (tokenize.TokenError, SyntaxError):
         return False
-    return bool(tokens) and tokens[-1].string == ";"

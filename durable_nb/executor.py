@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from . import ambient, state
-from .cell import compile_cell, run_compiled
+from .cell import run_compiled
 from .codec import (ChangedInPlace, DecodedState, Unstorable, apply_state, decode_state,
                     encode_state)
 from .context import StepContext, backoff_delay, deadline, interrupts_held, running
@@ -424,7 +424,7 @@ class DurableExecutor:
             with self.host.recording() as recorder:
                 try:
                     if compiled is None:
-                        compiled = compile_cell(transformed, self.host.filename(transformed, step_name))
+                        compiled = self.host.compile(transformed, step_name)
                     with running(context), deadline(step_name, options.timeout):
                         value = run_compiled(compiled, namespace)
                     self.host.after_body()

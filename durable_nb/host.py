@@ -7,6 +7,7 @@ executor run (and be tested) without IPython.
 
 from __future__ import annotations
 
+import ast
 import linecache
 import logging
 import sys
@@ -14,6 +15,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Callable, Protocol
 
 from .capture import OutputRecorder, recording
+from .cell import CompiledCell, compile_cell
 from .magic_lines import is_step_cell
 from .state import is_ipython_internal
 
@@ -26,7 +28,7 @@ class Host(Protocol):
 
     def is_hidden(self, name: str) -> bool: ...
     def transform(self, source: str) -> str: ...
-    def filename(self, source: str, step_name: str) -> str: ...
+    def compile(self, source: str, step_name: str) -> CompiledCell: ...
     def recording(self) -> AbstractContextManager[OutputRecorder]: ...
     def format_result(self, value: Any) -> tuple[dict[str, Any], dict[str, Any]]: ...
     def after_body(self) -> None: ...
@@ -110,9 +112,12 @@ class IPythonHost:
     def transform(self, source: str) -> str:
         return self.shell.transform_cell(source)  # type: ignore[no-any-return]
 
-    def filename(self, source: str, step_name: str) -> str:
-        # Registers the source with IPython so tracebacks show the user's own lines.
-        return self.shell.compile.cache(source, self.shell.execution_count)  # type: ignore[no-any-return]
+    def compile(self, source: str, step_name: str) -> CompiledCell:
+        """As IPython compiles a cell: its parser, its AST transformers (other extensions'
+        included), its compiler; the source cached so tracebacks show the user's lines."""
+        filename = self.shell.compile.cache(source, self.shell.execution_count)
+        tree = self.shell.transform_ast(self.shell.compile.ast_parse(source, filename))
+        return compile_cell(tree, source, filename, self.shell.compile)
 
     def recording(self) -> AbstractContextManager[OutputRecorder]:
         return recording(self.shell.display_pub)
@@ -178,10 +183,10 @@ class PlainHost:
     def transform(self, source: str) -> str:
         return source
 
-    def filename(self, source: str, step_name: str) -> str:
+    def compile(self, source: str, step_name: str) -> CompiledCell:
         filename = f"<durable step {step_name}>"
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        return filename
+        return compile_cell(ast.parse(source, filename, "exec"), source, filename)
 
     def recording(self) -> AbstractContextManager[OutputRecorder]:
         return recording(None)

@@ -471,3 +471,28 @@ def test_the_workflow_finder_agrees_with_the_shell(session: NotebookSession, sou
     session.ok(source)
     found = [line.name for line in workflow_lines_of(source)]
     assert found == (["probe"] if magics.executor.workflow_id == "probe" else [])
+
+
+def test_a_steps_body_goes_through_the_shells_ast_transformers_and_semicolon_rule(
+        session: NotebookSession) -> None:
+    """Another extension's AST transformer applies inside a step as in a plain cell (here
+    one that makes integer literals floats), and a trailing ';' silences the result."""
+    import ast
+
+    class IntsToFloats(ast.NodeTransformer):
+        def visit_Constant(self, node: ast.Constant) -> ast.AST:
+            if type(node.value) is int:
+                return ast.copy_location(ast.Constant(float(node.value)), node)
+            return node
+
+    transformer = IntsToFloats()
+    session.shell.ast_transformers.append(transformer)
+    try:
+        session.ok("plain = 1")
+        session.ok("%%durable_step floats\nstepped = 1")
+        assert type(session.ns["plain"]) is float and type(session.ns["stepped"]) is float
+    finally:
+        session.shell.ast_transformers.remove(transformer)
+    shown = session.ok("%%durable_step quiet\nx = 2\nx * 3;")
+    assert shown.result is None
+    assert session.ok("%%durable_step loud\nx * 3").result == 6
