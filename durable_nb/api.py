@@ -7,7 +7,8 @@ from typing import Any, Sequence
 
 from .executor import DurableExecutor, StepOptions
 from .host import PlainHost
-from .store import StepRecord, StepStore
+from .records import StepRecord
+from .store import StepStore
 
 
 class Workflow:

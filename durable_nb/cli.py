@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from .errors import DurableError
 
 if TYPE_CHECKING:
-    from .store import StepRecord, StepStore, StoredOutput
+    from .records import StepRecord, StoredOutput
+    from .store import StepStore
 
 EXPORT_FORMAT_VERSION = 1
 
@@ -93,7 +94,7 @@ def _quickstart_path() -> Path:
 
 def command_list(arguments: argparse.Namespace) -> int:
     from .status import format_bytes
-    from .store import COMPLETED
+    from .records import COMPLETED
 
     store = _open_store(arguments)
     overviews = store.list_workflows()

@@ -8,6 +8,7 @@ notebook) can then use the same file while the notebook is idle.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import re
 import shutil
 import threading
 import time
+import weakref
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -192,6 +194,21 @@ def check_integrity(data: Any, check: str | None, index: int) -> bool:
     """Whether a chunk's bytes match the check recorded for them (`integrity_check`)."""
     return check is None or integrity_check(data, index) == check
 
+# Stores whose connection may still linger: a kernel shut down right after its last step
+# (nbclient, `durable-nb run`) exits before the linger timer fires; the WAL must still be
+# folded into the database file, so that the file alone is the whole store at rest.
+_LINGERING: weakref.WeakSet[Database] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_lingering_connections() -> None:
+    for database in list(_LINGERING):
+        try:
+            database.release()
+        except Exception as exc:  # never fail an exiting process over it
+            log.debug("Could not release %s at exit: %s", database.path, exc)
+
+
 _NOT_WRITABLE = ("Permission denied", "Operation not permitted", "Read-only file system")
 
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.*?)(?:\. See also|$)")
@@ -313,6 +330,7 @@ class Database:
             connection.close()
 
     def _schedule_release(self) -> None:
+        _LINGERING.add(self)  # released at exit too, if the process ends within the linger
         if self._release_timer is not None and self._release_timer.is_alive():
             return  # it re-arms itself while the connection is in use
         self._release_timer = threading.Timer(self.linger_seconds, self._release_when_idle)

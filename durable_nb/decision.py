@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Collection, Mapping, Sequence
 
-from .fingerprint import is_opaque
-from .store import COMPLETED, STALE, StepRecord
+from .records import COMPLETED, STALE, StepRecord, is_opaque
 
 REPLAY_REASON = "completed with the same code and inputs"
 

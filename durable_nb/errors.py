@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 
 class DurableError(Exception):
     """Base class of every error durable_nb raises on purpose."""
+
+    @property
+    def _render_traceback_(self) -> Callable[[], list[str]]:
+        # IPython shows what this returns instead of a traceback: the message names the
+        # problem and the next step, and durable_nb's frames would say nothing more. An
+        # error raised inside a step's own code (durable_nb.map's) has no such method, so
+        # that IPython shows the usual traceback, down to the user's line.
+        if _raised_in_a_steps_code(self):
+            raise AttributeError("_render_traceback_")
+        return lambda: _one_line(self)
+
+
+def _one_line(error: BaseException) -> list[str]:
+    return [f"\x1b[0;31m{type(error).__name__}\x1b[0m: {error}",
+            *getattr(error, "__notes__", ())]
+
+
+def _raised_in_a_steps_code(error: BaseException) -> bool:
+    """Whether the error (or what it replaced: a timeout's interrupt) came from a step's code."""
+    for exception in (error, error.__context__):
+        entry = exception.__traceback__ if exception is not None else None
+        while entry is not None:
+            frame = entry.tb_frame
+            if frame.f_code.co_name == "run_compiled" \
+                    and frame.f_globals.get("__name__") == "durable_nb.cell":
+                return True
+            entry = entry.tb_next
+    return False
 
 
 class WorkflowNotNamedError(DurableError):
@@ -183,17 +211,29 @@ class NotInStepError(DurableError):
 
 
 class StepInterrupted(KeyboardInterrupt):
-    """A kernel interrupt that came after a step's code had finished, while its record was
-    being committed: held back until the commit was done, then raised (so Run All stops)."""
+    """A kernel interrupt (the Stop button) that landed in durable_nb's own work around a
+    step rather than in the step's code, told with what the store holds. One that comes
+    while the record is being committed waits until the commit is done."""
 
-    def __init__(self, step_name: str) -> None:
+    def __init__(self, step_name: str, recorded: bool | None) -> None:
         self.step_name = step_name
-        super().__init__(f"Step {step_name!r} was interrupted after its code had finished, "
-                         "while its record was being committed; the commit was completed first: "
-                         "the step was recorded and will replay when run again. Nothing is lost.")
+        self.recorded = recorded
+        if recorded:
+            outcome = ("its record was committed first: the step was recorded and will replay "
+                       "when run again. Nothing is lost.")
+        elif recorded is None:
+            outcome = ("whether its record was committed cannot be told now: `durable-nb "
+                       "status` lists the workflow's steps.")
+        else:
+            outcome = ("the step is not recorded (its code did not run, or ran without being "
+                       "recorded): it executes when next run.")
+        super().__init__(f"Step {step_name!r} was interrupted; {outcome}")
 
-    def __reduce__(self) -> tuple[type, tuple[str]]:
-        return type(self), (self.step_name,)
+    def __reduce__(self) -> tuple[type, tuple[str, bool | None]]:
+        return type(self), (self.step_name, self.recorded)
+
+    def _render_traceback_(self) -> list[str]:
+        return _one_line(self)  # as DurableError's: only the message says anything
 
 
 class StepNotRecordedError(DurableError):

@@ -15,7 +15,9 @@ import sys
 import time
 import traceback
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from types import TracebackType
 from typing import Any, Callable, Sequence
 
 from . import ambient, state
@@ -29,14 +31,14 @@ from .errors import (DurableError, DuplicateStepError, NonDeterminismError, Payl
                      UntrustedStepError,
                      WorkflowNotNamedError)
 from .options import StepOptions
-from .fingerprint import code_fingerprint, is_opaque, sized_digest, value_digest
+from .fingerprint import code_fingerprint, sized_digest, value_digest
 from .db import lock_timeout_or_default
 from .host import Host, ReplayedResult
 from .reads import input_names
 from .references import LiveObjects, describe, index_live_objects, qualified_type_name
-from .store import (BOUND, COMPLETED, DELETED, FAILED, LEGACY_CODECS, PATCHED, STATE_ROW_NAME,
-                    STATE_STREAM, StepRecord, StepStore, StoredOutput, StoredVariable,
-                    load_chunks, utc_now)
+from .records import (BOUND, COMPLETED, DELETED, FAILED, LEGACY_CODECS, PATCHED, STATE_ROW_NAME,
+                      STATE_STREAM, StepRecord, StoredOutput, StoredVariable, is_opaque, utc_now)
+from .store import StepStore, load_chunks
 
 log = logging.getLogger(__name__)
 
@@ -211,14 +213,17 @@ class DurableExecutor:
         """
         __tracebackhide__ = True  # noqa: F841
         self._commit_pending()
-        workflow_id = self.workflow_id
-        transformed = self.host.transform(source)
-        inputs = self._input_digests(transformed)
-        fingerprint = code_fingerprint(transformed)
-        decision = decide((), step_name, fingerprint, inputs, self.next_sequence_number,
-                          force=options.force, own_outputs=self._still_there(step_name),
-                          replayed=self._replayed_inputs(workflow_id, step_name, inputs),
-                          index=self.store.live_index(workflow_id))
+        try:
+            workflow_id = self.workflow_id
+            transformed = self.host.transform(source)
+            inputs = self._input_digests(transformed)
+            fingerprint = code_fingerprint(transformed)
+            decision = decide((), step_name, fingerprint, inputs, self.next_sequence_number,
+                              force=options.force, own_outputs=self._still_there(step_name),
+                              replayed=self._replayed_inputs(workflow_id, step_name, inputs),
+                              index=self.store.live_index(workflow_id))
+        except KeyboardInterrupt:
+            raise StepInterrupted(step_name, recorded=False) from None  # nothing ran yet
         self._check_unique(step_name, decision)
         if self.strict and decision.diverges and decision.record is not None:
             raise NonDeterminismError(workflow_id, decision.sequence_number,
@@ -232,8 +237,26 @@ class DurableExecutor:
                     raise StrictReplayError(exc.problem) from exc
                 _warn(step_name, str(exc))
                 decision = replace(decision, replay=False, reason=f"replay failed: {exc}")
-        return self._execute(workflow_id, step_name, source, transformed, fingerprint, inputs,
-                             decision, options)
+        try:
+            return self._execute(workflow_id, step_name, source, transformed, fingerprint,
+                                 inputs, decision, options)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, StepInterrupted) or _stopped_the_steps_code(exc):
+                raise  # its traceback shows where the step's code was
+            # It landed in durable_nb's own work around the step's code: say what the store holds.
+            raise StepInterrupted(step_name, self._recorded_anew(workflow_id, step_name,
+                                                                 decision)) from None
+
+    def _recorded_anew(self, workflow_id: str, step_name: str, decision: Decision) -> bool | None:
+        """Whether this execution of the step committed its completed record (None: the
+        store cannot tell now)."""
+        try:
+            record = self.store.live_index(workflow_id)[1].get(decision.sequence_number)
+        except Exception:  # noqa: BLE001 - the interrupt is told all the same
+            return None
+        return record is not None and record.step_name == step_name \
+            and record.status == COMPLETED \
+            and (decision.record is None or record.revision != decision.record.revision)
 
     def _input_digests(self, transformed: str) -> dict[str, str]:
         namespace = self.host.namespace
@@ -286,7 +309,7 @@ class DurableExecutor:
             log.info("Committed step %r, which had waited for the store", pending.step_name)
             pending.committed(completed)
         if interrupts:
-            raise StepInterrupted(pending.step_name) from None
+            raise StepInterrupted(pending.step_name, recorded=True) from None
 
     def _still_there(self, step_name: str) -> dict[str, str]:
         """What this step left behind in this session that the namespace still holds."""
@@ -389,8 +412,10 @@ class DurableExecutor:
         attempt_errors: list[dict[str, Any]] = []
 
         def prepare(status: str, outputs: list[StoredOutput], stored: list[StoredVariable],
-                    unrestorable: dict[str, str], error: str | None) -> Callable[[], StepRecord]:
-            """The commit of this outcome, its times fixed now (it may have to wait)."""
+                    unrestorable: dict[str, str], error: str | None,
+                    invalidates_later: bool = False) -> Callable[[], StepRecord]:
+            """The commit of this outcome, its times fixed now (it may have to wait); a result
+            that `invalidates_later` makes the recorded steps after it stale."""
             return functools.partial(
                 self.store.record_step,
                 StepRecord(workflow_id, decision.sequence_number, step_name, status,
@@ -403,7 +428,7 @@ class DurableExecutor:
                 # Only a result changes the history: a failure leaves it as it was.
                 supersede_from=decision.supersede_from if status == COMPLETED else None,
                 stale_after=decision.sequence_number
-                if decision.invalidates_later and status == COMPLETED else None)
+                if invalidates_later and status == COMPLETED else None)
 
         watch = state.NamespaceWatch(namespace, inputs, self.host.is_hidden,
                                      self._known_digests.translate)
@@ -413,6 +438,11 @@ class DurableExecutor:
         self._known_digests.take_local_digests([namespace[name] for name in inputs
                                                 if name in namespace])
         ambient_before = ambient.snapshot()
+        # From the moment the step's code has finished, an interrupt waits until its record
+        # is committed (a commit cut short would lose finished work and tell it confusingly),
+        # then stops the cell saying that the step was recorded.
+        held = ExitStack()
+        interrupts: list[int] = []
         for attempt in range(1, options.retries + 2):
             context = StepContext(
                 workflow_id, decision.sequence_number, step_name, attempt, store=self.store,
@@ -438,6 +468,8 @@ class DurableExecutor:
                         "attempt": attempt, "error": f"{type(exc).__name__}: {exc}",
                         "seconds": round(time.perf_counter() - attempt_started, 6),
                         "backoff_seconds": round(delay, 6)})
+                    if isinstance(exc, KeyboardInterrupt):
+                        _end_at_the_steps_code(exc)
                     failed = self._record_failure(prepare, recorder.outputs, exc)
                     self._emit(StepEvent(workflow_id, decision.sequence_number, step_name,
                                          "failed", decision.reason,
@@ -445,28 +477,25 @@ class DurableExecutor:
                     if not retry:
                         raise
                 else:
+                    interrupts = held.enter_context(interrupts_held())
                     break
             print(f"durable_nb: step {step_name!r} attempt {attempt} of {options.retries + 1} "
                   f"failed ({attempt_errors[-1]['error']}); retrying in {delay:.2f} s",
                   file=sys.stderr, flush=True)
             time.sleep(delay)
-        # The step's code has finished: an interrupt from here on waits until its record is
-        # committed (a half-done commit would be lost work and a confusing message), then stops
-        # the cell saying that the step was recorded.
-        with interrupts_held() as interrupts:
-            unstorable = self._commit_execution(workflow_id, step_name, decision, prepare,
-                                                watch, live, ambient_before, recorder.outputs,
-                                                options)
+        with held:
+            self._commit_execution(workflow_id, step_name, decision, prepare, watch, live,
+                                   ambient_before, recorder.outputs, options)
         if interrupts:
-            raise StepInterrupted(step_name) from None
+            raise StepInterrupted(step_name, recorded=True) from None
         return value
 
     def _commit_execution(self, workflow_id: str, step_name: str, decision: Decision,
                           prepare: Callable[..., Callable[[], StepRecord]],
                           watch: state.NamespaceWatch, live: LiveObjects,
                           ambient_before: Any, outputs: list[StoredOutput],
-                          options: StepOptions) -> list[Unstorable]:
-        """Encode what the step changed and commit its record; returns what could not be stored."""
+                          options: StepOptions) -> None:
+        """Encode what the step changed and commit its record."""
         __tracebackhide__ = True  # noqa: F841
         namespace = self.host.namespace
         change = watch.changes(namespace)
@@ -481,7 +510,8 @@ class DurableExecutor:
             log.info("Step %r executed again with the same result: later steps stay "
                      "replayable", step_name)
             decision = replace(decision, invalidates_later=False)
-        commit = prepare(COMPLETED, outputs, stored, unrestorable, None)
+        commit = prepare(COMPLETED, outputs, stored, unrestorable, None,
+                         invalidates_later=decision.invalidates_later)
 
         def committed(completed: StepRecord) -> None:
             self._leave_behind(step_name, namespace, {v.name: v.content_digest for v in stored
@@ -505,7 +535,6 @@ class DurableExecutor:
                   f"Step {step_name!r} completed, but these variables cannot be stored and will "
                   f"be missing when it replays: {details}. Create such objects in a plain cell "
                   f"(not a durable step), or leave them out with --exclude NAME.")
-        return unstorable
 
     @staticmethod
     def _record_failure(prepare: Callable[..., Callable[[], StepRecord]],
@@ -602,6 +631,46 @@ def _warn(step_name: str, message: str) -> None:
     # the same on every machine, and nothing of the package's source is echoed.
     warnings.warn_explicit(message, DurableWarning, filename=f"%%durable_step {step_name}",
                            lineno=1, module="durable_nb")
+
+
+_PACKAGE_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+_OUTPUT_PLUMBING = os.path.join(_PACKAGE_DIRECTORY, "capture.py")
+
+
+def _steps_code_entries(interrupt: KeyboardInterrupt) -> list[TracebackType] | None:
+    """The traceback entries from the step's code on, if the interrupt stopped that code
+    (rather than durable_nb's work around it), without durable_nb's output plumbing (a print
+    forwarded through capture.py) and its frames at the end: where the user's code was."""
+    entries = []
+    entry = interrupt.__traceback__
+    while entry is not None:
+        entries.append(entry)
+        entry = entry.tb_next
+    start = next((index for index, entry in enumerate(entries)
+                  if entry.tb_frame.f_code is run_compiled.__code__), None)
+    if start is None:
+        return None
+    kept = [entry for entry in entries[start + 1:]
+            if entry.tb_frame.f_code.co_filename != _OUTPUT_PLUMBING]
+    while kept and os.path.dirname(kept[-1].tb_frame.f_code.co_filename) == _PACKAGE_DIRECTORY:
+        kept.pop()
+    return [*entries[:start + 1], *kept] if kept else None
+
+
+def _stopped_the_steps_code(interrupt: KeyboardInterrupt) -> bool:
+    return _steps_code_entries(interrupt) is not None
+
+
+def _end_at_the_steps_code(interrupt: KeyboardInterrupt) -> None:
+    """Show an interrupt of the step's code where the user's code was (IPython always shows
+    the last frame, even one of durable_nb's)."""
+    entries = _steps_code_entries(interrupt)
+    if entries is None:
+        return
+    rebuilt = None
+    for entry in reversed(entries):
+        rebuilt = TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    interrupt.with_traceback(rebuilt)
 
 
 def _names(names: Any) -> str:

@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import cloudpickle
 
-OPAQUE_PREFIX = "type:"
+from .records import OPAQUE_PREFIX
+
 
 
 def code_fingerprint(source: str) -> str:
@@ -30,11 +31,6 @@ def code_fingerprint(source: str) -> str:
     except SyntaxError:
         normalised = "\n".join(line.rstrip() for line in source.strip().splitlines())
     return hashlib.sha256(normalised.encode()).hexdigest()
-
-
-def is_opaque(digest: str) -> bool:
-    """A digest of the type only: the value could not be hashed (a connection, a file)."""
-    return digest.startswith(OPAQUE_PREFIX)
 
 
 def value_digest(value: Any) -> str:

@@ -28,9 +28,10 @@ import cloudpickle
 
 from .context import current_step
 from .errors import DurableError, MapItemError
-from .fingerprint import is_opaque, out_of_band, value_digest
+from .fingerprint import out_of_band, value_digest
 from .references import qualified_type_name
-from .store import StepStore, StoredItem, StoredVariable, load_chunks
+from .records import StoredItem, StoredVariable, is_opaque
+from .store import StepStore, load_chunks
 
 T = TypeVar("T")
 R = TypeVar("R")

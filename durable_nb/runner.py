@@ -19,7 +19,8 @@ from . import events
 from .errors import DurableError
 from .executor import DEFAULT_STORE_FILENAME
 from .magic_lines import WorkflowLine, step_line_of, workflow_lines_of
-from .store import COMPLETED, StepStore, utc_now
+from .records import COMPLETED, utc_now
+from .store import StepStore
 
 
 @dataclass(frozen=True)

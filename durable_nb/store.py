@@ -23,12 +23,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Iterable, Mapping, Sequence
 
 from .db import (Connection, Database, atomic, check_integrity, fetch_dicts, integrity_check,
                  salvage)
 from .errors import PayloadCorruptError, RecoveryError, UnknownStepError, UntrustedStepError
+from .records import (COMPLETED, FAILED, STALE, BlobReference, Chunk, StepRecord, StoredChunk,
+                      StoredItem, StoredOutput, StoredVariable, WorkflowSummary, utc_now)
 from .trust import Signer
 
 log = logging.getLogger(__name__)
@@ -43,126 +45,9 @@ _MAP_WITHOUT_DESCRIPTOR = sys.version_info >= (3, 13)  # mmap(trackfd=False)
 # process is committing right now.
 GC_GRACE_SECONDS = 3600.0
 
-COMPLETED = "completed"
-FAILED = "failed"
-# A completed step recorded after one that has since executed again: kept for inspection,
-# never replayed, executed when next reached.
-STALE = "stale"
-
-Chunk = bytes | bytearray | memoryview
-
-# How a step_variables row holds its variable (see codec.py). A step's state is one pickle
-# stream, in the chunks of the STATE_STREAM row; each variable the step bound or changed in
-# place has a row of its own (type, size, digest) that points into it.
-STATE_STREAM = "step-state"
-STATE_ROW_NAME = "(step state)"
-BOUND = "bound"  # bound by the step to a new object, or to one that existed before
-PATCHED = "patched"  # an object that existed before the step, changed in place by it
-DELETED = "deleted"
-# Written by durable_nb before state streams: each variable a pickle of its own (functions
-# with private globals, identities lost). Such a step executes once to be recorded anew.
-LEGACY_CODECS = ("pickle", "module")
-
-
-@dataclass(frozen=True)
-class BlobReference:
-    """A stored chunk that lives in a payload file; `load_chunks` maps it."""
-
-    sha256: str
-    size_bytes: int
-    check: str | None = None  # see db.integrity_check; None: the file's SHA-256 is its name
-
-
-# What a stored variable holds: bytes in hand, or a reference to a payload file.
-StoredChunk = Chunk | BlobReference
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    workflow_id: str
-    sequence_number: int
-    step_name: str
-    status: str
-    code_fingerprint: str
-    code: str
-    reason: str
-    started_at: datetime
-    finished_at: datetime
-    duration_seconds: float
-    state_bytes: int = 0
-    error: str | None = None
-    unrestorable: dict[str, str] = field(default_factory=dict)
-    revision: int = 0
-    superseded_at: datetime | None = None
-    inputs: dict[str, str] = field(default_factory=dict)  # name -> value digest
-    attempts: int = 1
-    attempt_errors: list[dict[str, Any]] = field(default_factory=list)
-    cell_id: str | None = None
-
-
-@dataclass(frozen=True)
-class StoredOutput:
-    """One output as nbformat writes it, plus the display's transient part (display_id)."""
-
-    output: dict[str, Any]
-    transient: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class StoredVariable:
-    name: str
-    codec: str
-    type_name: str
-    chunks: tuple[StoredChunk, ...]
-    content_digest: str | None = None  # fingerprint.value_digest of the value, when known
-    stored_size: int | None = None  # bytes it takes in the step's stream, when it has no chunks
-    # Of inline chunks, as read back (db.integrity_check); payload files carry their own.
-    checks: tuple[str | None, ...] = ()
-    where: str = ""  # the step it belongs to, for messages ("step 'train' (#3)")
-
-    @property
-    def holds_a_variable(self) -> bool:
-        return self.codec != STATE_STREAM
-
-    @property
-    def size_bytes(self) -> int:
-        if self.stored_size is not None:
-            return self.stored_size
-        return sum(chunk.size_bytes if isinstance(chunk, BlobReference) else memoryview(chunk).nbytes
-                   for chunk in self.chunks)
-
-
-@dataclass(frozen=True)
-class StoredItem:
-    """One item of a step's `durable_nb.map`: its result, as a variable named 'result'."""
-
-    workflow_id: str
-    step_name: str
-    index: int
-    item_digest: str
-    function_digest: str
-    total: int  # how many items the map had
-    result: StoredVariable
-    duration_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class WorkflowSummary:
-    workflow_id: str
-    steps: int
-    completed: int
-    state_bytes: int
-    last_activity: datetime
-    counts: dict[str, int] = field(default_factory=dict)  # live steps by status
-
-
 _EPOCH = datetime(1970, 1, 1)
 # A stand-in record naming an item in messages (_variables_from_row takes a record).
 _ITEM_RECORD = StepRecord("", 0, "", "", "", "", "", _EPOCH, _EPOCH, 0.0)
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 class StepStore:
@@ -290,9 +175,10 @@ class StepStore:
     def list_workflows(self) -> list[WorkflowSummary]:
         with self.database.connect() as connection:
             rows = connection.execute(
-                "SELECT workflow_id, count(*), count(*) FILTER (status = 'completed'), "
+                "SELECT workflow_id, count(*), count(*) FILTER (status = ?), "
                 "sum(state_bytes), max(finished_at), histogram(status) FROM steps "
-                "WHERE superseded_at IS NULL GROUP BY workflow_id ORDER BY workflow_id").fetchall()
+                "WHERE superseded_at IS NULL GROUP BY workflow_id ORDER BY workflow_id",
+                [COMPLETED]).fetchall()
         return [WorkflowSummary(*row[:5], dict(row[5])) for row in rows]
 
     def _snapshot(self, workflow_id: str) -> _Snapshot:
@@ -506,14 +392,14 @@ class StepStore:
     def _read_snapshot_txn(self, connection: Connection, workflow_id: str) -> _Snapshot:
         """The live history, with the outputs and inline chunks of the completed steps small
         enough to keep (SNAPSHOT_STEP_BYTES), in one query."""
-        small = ("status = 'completed' AND outputs_file IS NULL AND "
+        small = ("status = $completed AND outputs_file IS NULL AND "
                  "length(outputs) + coalesce(octet_length(inline_data), 0) <= $limit")
         cursor = connection.execute(
             f"SELECT {_RECORD_COLUMNS}, {small} AS small, CASE WHEN {small} THEN outputs END, "
             f"CASE WHEN {small} THEN output_transients END, CASE WHEN {small} THEN variables END, "
             f"CASE WHEN {small} THEN inline_data END, outputs_file, signature FROM steps "
             "WHERE workflow_id = $workflow AND superseded_at IS NULL ORDER BY sequence_number",
-            {"workflow": workflow_id, "limit": SNAPSHOT_STEP_BYTES})
+            {"workflow": workflow_id, "limit": SNAPSHOT_STEP_BYTES, "completed": COMPLETED})
         columns = [description[0] for description in cursor.description][:-7]
         history: list[StepRecord] = []
         outputs: dict[tuple[int, int], list[StoredOutput]] = {}
@@ -544,8 +430,8 @@ class StepStore:
         workflow_id, sequence_number = record.workflow_id, record.sequence_number
         if stale_after is not None:
             connection.execute(
-                "UPDATE steps SET status = 'stale' WHERE workflow_id = ? AND sequence_number > ? "
-                "AND superseded_at IS NULL", [workflow_id, stale_after])
+                "UPDATE steps SET status = ? WHERE workflow_id = ? AND sequence_number > ? "
+                "AND superseded_at IS NULL", [STALE, workflow_id, stale_after])
         if supersede_from is not None:
             connection.execute(
                 "UPDATE steps SET superseded_at = ? WHERE workflow_id = ? AND "
@@ -641,9 +527,9 @@ class StepStore:
             rows = connection.execute(
                 "SELECT step_name, count(*), max(item_total) FROM step_items i WHERE "
                 "workflow_id = ? AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.workflow_id = "
-                "i.workflow_id AND s.step_name = i.step_name AND s.status = 'completed' AND "
+                "i.workflow_id AND s.step_name = i.step_name AND s.status = ? AND "
                 "s.superseded_at IS NULL) GROUP BY step_name ORDER BY step_name",
-                [workflow_id]).fetchall()
+                [workflow_id, COMPLETED]).fetchall()
         return {name: (int(done), int(total)) for name, done, total in rows}
 
 
@@ -981,6 +867,13 @@ def recover_store(path: str, target: str, *, lock_timeout: float | None = None) 
         kept, summary = _keep_intact(workflow_id, steps, damage, unreadable)
         kept_rows.extend(kept)
         workflows.append(summary)
+    if not kept_rows:
+        why = "; ".join(found.notes + [summary.summary() for summary in workflows]) \
+            or "it holds no steps"
+        raise RecoveryError(path, f"no intact step could be read from it ({why})",
+                            "Nothing was written. Keep the original if you may need its steps "
+                            "(a later durable_nb may read more of it); move it (and its .wal) "
+                            "aside to start an empty store.")
     items = [row for row in found.rows.get("step_items", [])
              if _chunks_damage(source_blobs, _item_stand_in(row), row["variables"],
                                row["inline_data"]) is None]

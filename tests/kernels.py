@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +85,13 @@ class Kernel:
             cwd=str(self.cwd), extra_arguments=["--HistoryManager.hist_file=:memory:"])
 
     def execute(self, code: str, timeout: float = 120.0,
-                on_output: Callable[[NotebookNode], None] | None = None) -> CellResult:
-        """Run one cell and wait for its reply; `on_output` sees each output as it arrives."""
-        self._require_manager()
+                on_output: Callable[[NotebookNode], None] | None = None,
+                interrupt_after: float | None = None) -> CellResult:
+        """Run one cell and wait for its reply; `on_output` sees each output as it arrives.
+
+        `interrupt_after` sends the kernel an interrupt (SIGINT, the Stop button's) that many
+        seconds after the request; it does nothing to a kernel that is idle by then."""
+        manager = self._require_manager()
         outputs: list[NotebookNode] = []
 
         def keep_output(message: dict[str, Any]) -> None:
@@ -98,8 +103,16 @@ class Kernel:
                 outputs.clear()
 
         started = time.perf_counter()
-        reply = self._client.execute_interactive(code, output_hook=keep_output, timeout=timeout,
-                                                 allow_stdin=False)
+        timer = None if interrupt_after is None else threading.Timer(interrupt_after,
+                                                                     manager.interrupt_kernel)
+        if timer is not None:
+            timer.start()
+        try:
+            reply = self._client.execute_interactive(code, output_hook=keep_output,
+                                                     timeout=timeout, allow_stdin=False)
+        finally:
+            if timer is not None:
+                timer.join()
         return CellResult(reply["content"]["status"], outputs, time.perf_counter() - started)
 
     def submit(self, code: str) -> None:

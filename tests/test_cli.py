@@ -334,3 +334,39 @@ def test_run_refuses_a_magic_line_the_kernel_would_refuse_in_one_line(tmp_path: 
     assert result.stderr.startswith(f"durable-nb: bad.ipynb: cell 1: {line}: {problem}.")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("arguments, code, problem", [
+    (["export", "nightly", "-o", "missing_dir/x.json"], 1, "the folder .*missing_dir does not exist"),
+    (["export", "nightly", "-o", "."], 1, "Cannot write .: it is a folder"),
+    (["run", "nb.ipynb", "-o", "missing_dir/out.ipynb"], 1, "the folder .*missing_dir does not exist"),
+    (["run", "nb.ipynb", "--max-restarts", "-1"], 2, "argument --max-restarts: '-1': give a whole number, 0 or more"),
+    (["run", "nb.ipynb", "--max-restarts", "x"], 2, "argument --max-restarts: 'x' is not a whole number"),
+    (["run", "nb.ipynb", "--timeout", "0"], 2, "argument --timeout: '0': give a number of seconds greater than 0"),
+    (["run", "nb.ipynb", "--timeout", "nan"], 2, "argument --timeout: 'nan': give a finite number"),
+    (["run", "nb.ipynb", "--timeout", "inf"], 2, "argument --timeout: 'inf': give a finite number"),
+    (["run", "nb.ipynb", "--timeout", "-3"], 2, "argument --timeout: '-3': give a finite number"),
+    (["run", "nb.ipynb", "--workflow", ""], 2, "argument --workflow: empty"),
+    (["list", "--db", ""], 2, "argument --db: empty"),
+    (["list", "--db", "store.duckdb", "--lock-timeout", "nan"], 2, "argument --lock-timeout: 'nan'"),
+    (["list", "--db", "store.duckdb", "--lock-timeout", "-1"], 2, "argument --lock-timeout: '-1'"),
+    (["gc", "--db", "store.duckdb", "--grace", "inf"], 2, "argument --grace: 'inf'"),
+    (["recover", "--db", "store.duckdb", "-o", "store.duckdb"], 1, "exists already, and recover never overwrites"),
+    (["recover", "--db", "nowhere.duckdb"], 1, "No store at .*nowhere.duckdb"),
+])
+def test_bad_cli_values_get_one_line_errors_and_lose_nothing(tmp_path: Path, arguments: list[str],
+                                                             code: int, problem: str) -> None:
+    import re
+
+    recorded_store(tmp_path)
+    nbformat.write(new_notebook(cells=[new_code_cell("%load_ext durable_nb\nopen('ran', 'w')")]),
+                   tmp_path / "nb.ipynb")
+    result = durable_nb(*arguments, cwd=tmp_path)
+    assert result.returncode == code, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # argparse puts its usage line first
+    assert re.search(problem, last), result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "ran").exists()
+    if code == 1:
+        assert result.stderr.startswith("durable-nb: ") and result.stderr.count("\n") == 1
+    assert [s.step_name for s in Workflow("nightly", db=tmp_path / "store.duckdb").steps()] == \
+        ["load", "report"]

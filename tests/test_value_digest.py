@@ -12,7 +12,8 @@ import cloudpickle
 import numpy as np
 import pandas as pd
 
-from durable_nb.fingerprint import is_opaque, value_digest
+from durable_nb.fingerprint import value_digest
+from durable_nb.records import is_opaque
 
 NOTEBOOK_CODE = """
 def scale(values, factor=2):

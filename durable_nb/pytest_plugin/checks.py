@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..store import COMPLETED
+from ..records import COMPLETED
 from .markers import cell_options
 from .outputs import outputs_diff
 from .runs import CellRun, NotebookRun

@@ -15,7 +15,8 @@ import reprlib
 import sys
 from typing import Any, Iterable, Mapping
 
-from ..fingerprint import is_opaque, value_digest
+from ..fingerprint import value_digest
+from ..records import is_opaque
 
 MISSING = "<not defined>"
 MAX_PARTS = 50

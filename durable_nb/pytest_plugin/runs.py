@@ -21,7 +21,8 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from ..magic_lines import WORKFLOW_MAGIC, WorkflowLine, step_line_of, workflow_lines_of
-from ..store import COMPLETED, StepRecord, StepStore
+from ..records import COMPLETED, StepRecord
+from ..store import StepStore
 from .markers import cell_options
 
 # Settings of the developer's shell that would point the kernels at another store.
