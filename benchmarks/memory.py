@@ -107,7 +107,7 @@ def main() -> int:
         replayed = measure(workdir, "replayed steps (fresh kernel)", step_cells, workflow, trace)
         plain = measure(workdir, "plain cells, durable_nb not loaded", plain_cells, [], trace)
         fixed = measure(workdir, "durable_nb loaded, one trivial step", [
-            f"%%durable_step tiny\ntiny = 1"], [f"%load_ext durable_nb\n%durable_workflow "
+            "%%durable_step tiny\ntiny = 1"], [f"%load_ext durable_nb\n%durable_workflow "
                                                 f"fixed --db {os.path.join(workdir, 'fixed.duckdb')}"],
             trace)
         store_bytes = sum(os.path.getsize(store + suffix) for suffix in ("", ".wal")

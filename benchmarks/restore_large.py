@@ -155,11 +155,11 @@ def run_case(label: str, source: str, variable: str, same: Callable[[Any, Any], 
     for _ in range(repeat):
         seconds, fresh = timed(replay_once)
         replay_times.append(seconds)
-        replay_touch_times.append(seconds + timed(lambda: touch(fresh[variable]))[0])
+        replay_touch_times.append(seconds + timed(lambda fresh=fresh: touch(fresh[variable]))[0])
         del fresh
         seconds, value = timed(load_pickle)
         pickle_times.append(seconds)
-        pickle_touch_times.append(seconds + timed(lambda: touch(value))[0])
+        pickle_touch_times.append(seconds + timed(lambda value=value: touch(value))[0])
         del value
     opens, open_seconds, blob_seconds = METER.opens, METER.open_seconds, METER.blob_seconds
 

@@ -244,7 +244,7 @@ def main() -> int:
     table.add(f"   the same, last / first {bucket} steps (round trip; inside the kernel)",
               f"{flat_ratio(executed.round_trip, bucket):.3f}; "
               f"{flat_ratio(executed.in_kernel, bucket):.3f}")
-    table.add(f"   executed step over plain cell, inside the kernel, median",
+    table.add("   executed step over plain cell, inside the kernel, median",
               f"{statistics.median(differences(executed.in_kernel, plain.in_kernel)) * MS:.2f} ms")
     table.add(f"2. replayed step, inside the kernel, median of {steps}", f"{replay_median:.3f} ms",
               f"<= {TARGET_REPLAY_MS:.0f} ms", replay_median <= TARGET_REPLAY_MS)

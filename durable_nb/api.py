@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from .executor import DurableExecutor, StepOptions
+from .executor import DurableExecutor
 from .host import PlainHost
+from .options import StepOptions
 from .records import StepRecord
 from .store import StepStore
 

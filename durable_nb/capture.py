@@ -32,7 +32,8 @@ def notebook_data(data: dict[str, Any]) -> dict[str, Any]:
 
 def notebook_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
     """Metadata that JSON can hold (a formatter may put tuples or numpy numbers in it)."""
-    return json.loads(json.dumps(metadata or {}, default=str))
+    portable: dict[str, Any] = json.loads(json.dumps(metadata or {}, default=str))
+    return portable
 
 
 # nbclient 0.11 keeps its stream coalescing inline in `NotebookClient.async_execute_cell`, with
@@ -239,7 +240,7 @@ class OutputRecorder:
 
 
 def _is_stream(item: StoredOutput, name: str) -> bool:
-    return item.output["output_type"] == "stream" and item.output["name"] == name
+    return bool(item.output["output_type"] == "stream" and item.output["name"] == name)
 
 
 class _RecordingStream:
@@ -255,7 +256,7 @@ class _RecordingStream:
         # Forwarded first: what the stream refuses (bytes, a closed stream) is not recorded.
         written = self._original.write(text)
         if not text:
-            return written  # type: ignore[no-any-return]
+            return written
         joining = self.joining
         if joining is None:
             self._recorder.stream(self._name, text, self)
@@ -266,7 +267,7 @@ class _RecordingStream:
             pieces.append(text)
             if len(pieces) >= SETTLE_WRITES:
                 joining.settle()
-        return written  # type: ignore[no-any-return]
+        return written
 
     def writelines(self, lines: Any) -> None:
         for line in lines:
@@ -281,8 +282,8 @@ def recording(display_publisher: Any | None) -> Iterator[OutputRecorder]:
     """Record sys.stdout, sys.stderr and (if given) an IPython display publisher."""
     recorder = OutputRecorder()
     original_stdout, original_stderr = sys.stdout, sys.stderr
-    sys.stdout = recorder.writer(original_stdout, "stdout")  # type: ignore[assignment]
-    sys.stderr = recorder.writer(original_stderr, "stderr")  # type: ignore[assignment]
+    sys.stdout = recorder.writer(original_stdout, "stdout")
+    sys.stderr = recorder.writer(original_stderr, "stderr")
     try:
         if display_publisher is None:
             yield recorder

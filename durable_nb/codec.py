@@ -103,7 +103,7 @@ def patch_state(value: Any) -> tuple[str, Any] | None:
     except Exception:  # noqa: BLE001 - an object that cannot reduce cannot be patched
         return None
     if not isinstance(reduced, tuple) or len(reduced) < 2 \
-            or reduced[0] not in (copyreg.__newobj__, copyreg.__newobj_ex__):
+            or reduced[0] not in (copyreg.__newobj__, copyreg.__newobj_ex__):  # type: ignore[attr-defined]
         return None
     state = reduced[2] if len(reduced) > 2 else None
     items = list(reduced[3]) if len(reduced) > 3 and reduced[3] is not None else None
@@ -290,7 +290,7 @@ def decode_state(namespace: dict[str, Any], chunks: list[Any],
     # Pickle runs code on load: a store is as trusted as the notebook that wrote it.
     unpickler = pickle.Unpickler(io.BytesIO(_memo_preamble(len(found)) + bytes(chunks[1])),
                                  buffers=iter(chunks[2:]))
-    unpickler.persistent_load = found.__getitem__
+    unpickler.persistent_load = found.__getitem__  # type: ignore[method-assign]
     unpickler.load()  # the preamble: fills the memo with the live objects, in order
     decoded = DecodedState()
     while True:

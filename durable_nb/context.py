@@ -58,7 +58,7 @@ def running(context: StepContext) -> Iterator[None]:
 
 def backoff_delay(attempt: int, backoff: float, max_backoff: float) -> float:
     """Exponential backoff with 'equal jitter': half the delay fixed, half random."""
-    delay = min(backoff * 2 ** (attempt - 1), max_backoff)
+    delay: float = min(backoff * 2 ** (attempt - 1), max_backoff)
     return delay / 2 + random.uniform(0, delay / 2)
 
 

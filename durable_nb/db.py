@@ -142,7 +142,7 @@ def _fold_step_tables(connection: Connection) -> None:
     key = "workflow_id, sequence_number, revision"
     outputs: dict[tuple[Any, ...], list[Any]] = {}
     transients: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for *where, index, output, transient in connection.execute(
+    for *where, _output_index, output, transient in connection.execute(
             f"SELECT {key}, output_index, output_json, transient_json FROM step_outputs "
             f"ORDER BY {key}, output_index").fetchall():
         items = outputs.setdefault(tuple(where), [])
@@ -165,14 +165,14 @@ def _fold_step_tables(connection: Connection) -> None:
             "chunks": [[chunk_size, blob, None if data is None else integrity_check(data, index)]
                        for index, (chunk_size, data, blob) in enumerate(mine)]})
         inline.setdefault(tuple(where), []).extend(data for _, data, _ in mine if data is not None)
-    for where in set(outputs) | set(variables):
+    for step_key in set(outputs) | set(variables):
         connection.execute(
             "UPDATE steps SET outputs = ?, output_transients = ?, variables = ?, inline_data = ? "
             "WHERE workflow_id = ? AND sequence_number = ? AND revision = ?",
-            [json.dumps(outputs.get(where, [])),
-             json.dumps(transients[where]) if where in transients else None,
-             json.dumps(variables.get(where, [])),
-             b"".join(inline.get(where, [])) or None, *where])
+            [json.dumps(outputs.get(step_key, [])),
+             json.dumps(transients[step_key]) if step_key in transients else None,
+             json.dumps(variables.get(step_key, [])),
+             b"".join(inline.get(step_key, [])) or None, *step_key])
     for table in ("variable_chunks", "step_variables", "step_outputs"):
         connection.execute(f"DROP TABLE {table}")
 

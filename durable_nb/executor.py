@@ -544,7 +544,11 @@ class DurableExecutor:
             with interrupts_held():
                 return prepare(FAILED, outputs, [], {}, "".join(traceback.format_exception(exc)))()
         except Exception as store_exc:  # the user's own exception must come through
-            exc.add_note(f"durable_nb could not record this failure: {store_exc}")
+            note = f"durable_nb could not record this failure: {store_exc}"
+            if sys.version_info >= (3, 11):
+                exc.add_note(note)
+            else:  # no exception notes before 3.11
+                log.warning("%s", note)
             return None
 
     def _encode(self, change: state.StateChange, watch: state.NamespaceWatch, live: LiveObjects,

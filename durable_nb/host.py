@@ -52,7 +52,8 @@ class ReplayedResult:
         self.data = data
         self.metadata = metadata
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict, dict]:
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None
+                           ) -> tuple[dict[str, Any], dict[str, Any]]:
         return self.data, self.metadata
 
     def __repr__(self) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
 from IPython.core.error import UsageError
 from IPython.core.inputtransformer2 import TransformerManager
@@ -250,7 +250,10 @@ def _step_call(source: str, transformer: Any = None) -> MagicCall | None:
     # token pass after them cannot change the one line they make of a cell magic.
     first = next((index for index, line in enumerate(lines) if not line.isspace()), len(lines))
     lines = lines[:first + 2]
-    for transform in manager.cleanup_transforms + manager.line_transforms:
+    # IPython leaves these lists untyped: each takes and returns a list of lines.
+    transforms = cast("list[Callable[[list[str]], list[str]]]",
+                      manager.cleanup_transforms + manager.line_transforms)
+    for transform in transforms:
         lines = transform(lines)
     calls = _calls_in(lines[0]) if len(lines) == 1 else []
     return next((call for call in calls if call.magic == STEP_MAGIC), None)

@@ -33,7 +33,11 @@ class DurableMagics(Magics):
 
     @observe("lock_timeout")
     def _lock_timeout_changed(self, change: dict[str, Any]) -> None:  # %config at run time
-        self.executor.set_lock_timeout(change["new"])
+        # Also called while the configuration loads in __init__, before the executor exists
+        # (which then takes the configured value itself).
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            executor.set_lock_timeout(change["new"])
 
     @line_magic
     @magic_lines.arguments_of(magic_lines.durable_workflow)

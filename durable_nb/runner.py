@@ -173,7 +173,7 @@ class NotebookRunner:
                 client.km.transport_encryption = "auto"
             try:
                 client.execute(env=self.environment)
-            except DeadKernelError:
+            except DeadKernelError as exc:
                 crashed_at = _running_cell(notebook, starts)
                 self.on_event(f"kernel died in cell {crashed_at}"
                               + _step_label(self.step_names.get(crashed_at)), None)
@@ -181,7 +181,7 @@ class NotebookRunner:
                     raise NotebookFailedError(
                         str(self.path), f"the kernel died {attempt} times (last in cell "
                         f"{crashed_at}); gave up after {self.max_restarts} restarts. Completed "
-                        "steps are recorded: run again to resume, or raise --max-restarts.")
+                        "steps are recorded: run again to resume, or raise --max-restarts.") from exc
                 continue
             except CellExecutionError as exc:
                 raise NotebookFailedError(

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, cast
 
 from .db import (Connection, Database, atomic, check_integrity, fetch_dicts, integrity_check,
                  salvage)
@@ -179,7 +179,9 @@ class StepStore:
                 "sum(state_bytes), max(finished_at), histogram(status) FROM steps "
                 "WHERE superseded_at IS NULL GROUP BY workflow_id ORDER BY workflow_id",
                 [COMPLETED]).fetchall()
-        return [WorkflowSummary(*row[:5], dict(row[5])) for row in rows]
+        return [WorkflowSummary(workflow_id, steps, completed, state_bytes, last_activity,
+                                dict(counts))
+                for workflow_id, steps, completed, state_bytes, last_activity, counts in rows]
 
     def _snapshot(self, workflow_id: str) -> _Snapshot:
         """The workflow's live history with the outputs and inline state of its completed
@@ -670,7 +672,8 @@ class _Placed:
         # would be copied at every checkpoint, and held in memory by DuckDB meanwhile.
         outputs_file = store._write_blob(memoryview(outputs_json.encode())) \
             if len(outputs_json) > store.inline_limit else None
-        payloads = {sha256: chunk for variable in ordered
+        # Only bytes reach a payload file: _place_chunks refuses stored references.
+        payloads = {sha256: cast(Chunk, chunk) for variable in ordered
                     for chunk, (_, _, sha256, _) in zip(variable.chunks, chunks[variable.name]) if sha256}
         if outputs_file is not None:
             payloads[outputs_file] = outputs_json.encode()
@@ -751,7 +754,7 @@ def load_chunks(store: StepStore, variable: StoredVariable) -> list[Chunk]:
     for index, chunk in enumerate(variable.chunks):
         if isinstance(chunk, BlobReference):
             data: Chunk = store.read_blob(chunk.sha256, chunk.size_bytes)
-            check = chunk.check or "sha256:" + chunk.sha256
+            check: str | None = chunk.check or "sha256:" + chunk.sha256
             if not check_integrity(data, check, 0 if chunk.check is None else index):
                 store.set_aside(chunk.sha256)
                 raise PayloadCorruptError(variable.where, variable.name,

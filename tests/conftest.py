@@ -65,6 +65,11 @@ def session(tmp_path: Path) -> Iterator[NotebookSession]:
     notebook = NotebookSession(shell, tmp_path / "store.duckdb")
     notebook.start()
     yield notebook
+    # A test's %config DurableMagics.* must not reach the next test's shell.
+    shell.config.DurableMagics.clear()
+    magics = shell.magics_manager.registry.get("DurableMagics")
+    if magics is not None:
+        magics.lock_timeout, magics.auto_status = None, False
     shell.reset(new_session=True)
 
 

@@ -39,7 +39,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence
 
 from .conftest import counted_step, runs
 from .kernels import Kernel
@@ -50,7 +50,7 @@ __all__ = ["Cell", "CellError", "Comparison", "DurableRun", "NotebookError", "Pr
 
 Step = tuple[str, str, str]  # ("step", name, code)
 DurableOnly = tuple[str, str]  # ("durable", code)
-Cell = Union[str, Step, DurableOnly]
+Cell = str | Step | DurableOnly
 Observables = dict[str, Any]  # probe name -> description
 
 log = logging.getLogger(__name__)

@@ -88,7 +88,7 @@ def test_resumed_run_after_a_crash_equals_an_uninterrupted_run(
         pytester: pytest.Pytester, crash_after: str) -> None:
     result = run_check(pytester, "test-replay-pass", "--durable-crash-after", crash_after, "-v")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines([f"*test-replay-pass.ipynb::replay PASSED*",
+    result.stdout.fnmatch_lines(["*test-replay-pass.ipynb::replay PASSED*",
                                  f"*test-replay-pass.ipynb::resume-after-step-{crash_after} PASSED*"])
 
 

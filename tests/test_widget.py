@@ -81,7 +81,7 @@ def test_after_a_restart_steps_are_pending_then_replay_with_the_time_saved(
 
 
 def test_a_running_step_is_shown_running_while_it_runs(session: NotebookSession, magics: Any) -> None:
-    magics.status_widget  # created before the step, as %durable_status would
+    _ = magics.status_widget  # created before the step, as %durable_status would
     session.ok("%%durable_step look\nwidget = get_ipython().magics_manager.registry['DurableMagics'].status_widget\n"
                "seen = [(row['name'], row['status']) for row in widget.rows]\ndel widget")
     assert session.ns["seen"] == [("look", "running")]
@@ -168,7 +168,7 @@ def test_reset_asks_for_confirmation_then_forgets_the_step_and_later_ones(
 
 def test_mime_bundle_has_readable_text_and_html_beside_the_widget_view(
         session: NotebookSession, magics: Any) -> None:
-    magics.status_widget
+    _ = magics.status_widget
     session.ok("%%durable_step load\nrows = [1, 2, 3]")
     session.run("%%durable_step <odd>&name\nraise KeyError('x')")
     data, _ = session.shell.display_formatter.format(magics.status_widget)

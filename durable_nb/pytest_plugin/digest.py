@@ -25,7 +25,7 @@ _summaries.maxstring = 80
 _summaries.maxother = 80
 
 
-def _summary_and_digest(value: Any) -> dict[str, str]:
+def _summary_and_digest(value: Any) -> dict[str, str | bool]:
     try:
         summary = _summaries.repr(value)
     except Exception as exc:  # a broken __repr__ must not hide the comparison
@@ -69,7 +69,8 @@ def _feed(value: Any, kinds: tuple[type, ...], digest: Any, depth: int) -> None:
     digest.update(f"{kind.__module__}.{kind.__qualname__}".encode())
     artist, container = kinds
     if isinstance(value, artist):
-        digest.update(_picture(value.get_figure(root=True) if _takes_root(value) else value.figure))
+        drawn: Any = value  # a matplotlib Artist (matplotlib is optional, so known only here)
+        digest.update(_picture(drawn.get_figure(root=True) if _takes_root(drawn) else drawn.figure))
     elif depth and isinstance(value, (tuple, list)):  # a Container is a tuple too
         for item in value:
             _feed(item, kinds, digest, depth - 1)

@@ -78,7 +78,8 @@ class DurableAPIHandler(APIHandler):
 
     @property
     def root_dir(self) -> str:
-        return os.path.realpath(self.settings["server_root_dir"])
+        root: str = self.settings["server_root_dir"]
+        return os.path.realpath(root)
 
     def store_path(self) -> str:
         """The `store` argument as a file under the server's root directory (symlinks
