@@ -32,6 +32,7 @@ from durable_nb.errors import DurableError, StoreCorruptError, StoreVersionError
 
 from .conftest import NotebookSession, counted_step, runs
 from .test_cli import durable_nb
+from .test_trust import forge_state_header
 
 # Two workflows; `alpha` has a value in a payload file (an array's buffer) and one whose
 # pickle stream is in a payload file (bytes larger than the row's inline budget).
@@ -357,18 +358,7 @@ def test_a_crafted_pickle_in_a_row_never_runs_not_even_after_recover(
     session.shell.magics_manager.registry["DurableMagics"].executor.close()
     marker = tmp_path / "exploited"
     crafted = pickle.dumps(Exploit(marker))
-    with duckdb.connect(str(session.store_path)) as connection:
-        (variables_json, inline_data) = connection.execute(
-            "SELECT variables, inline_data FROM steps").fetchone()  # type: ignore[misc]
-        variables = json.loads(variables_json)
-        [state] = [v for v in variables if v["codec"] == "step-state"]
-        header_size = state["chunks"][0][0]
-        offset = sum(size for v in variables if v["name"] < state["name"]
-                     for size, blob, _ in v["chunks"] if blob is None)
-        state["chunks"][0] = [len(crafted), None, "sha256:" + hashlib.sha256(crafted).hexdigest()]
-        forged = inline_data[:offset] + crafted + inline_data[offset + header_size:]
-        connection.execute("UPDATE steps SET variables = ?, inline_data = ?",
-                           [json.dumps(variables), forged])
+    forge_state_header(session.store_path, crafted)
     for command in (("list",), ("status", "test-workflow"), ("export", "test-workflow")):
         assert durable_nb(*command, "--db", str(session.store_path), cwd=tmp_path).returncode == 0
     recovered = durable_nb("recover", "--db", str(session.store_path), cwd=tmp_path)

@@ -75,16 +75,11 @@ class Exploit:
         return (open, (str(self.marker), "w"))
 
 
-def test_a_crafted_pickle_with_matching_checks_is_never_unpickled(
-        session: NotebookSession, counter: Path, tmp_path: Path) -> None:
-    """Someone who can write the store swaps a step's state stream for a pickle that runs
-    code, fixing up its size and integrity check: the signature still refuses it."""
-    cell = counted_step(counter, "load", "rows = [1, 2, 3]")
-    session.ok(cell)
-    marker = tmp_path / "exploited"
-    crafted = pickle.dumps(Exploit(marker))
-    session.shell.magics_manager.registry["DurableMagics"].executor.close()  # its lock
-    with duckdb.connect(str(session.store_path)) as connection:
+def forge_state_header(store_path: Path, crafted: bytes) -> None:
+    """What someone who can write the store could do: put `crafted` in place of the only
+    step's state header (the first bytes the unpickler reads) and fix up its size and its
+    integrity check, so that only the signature can tell."""
+    with duckdb.connect(str(store_path)) as connection:
         (variables_json, inline_data) = connection.execute(
             "SELECT variables, inline_data FROM steps").fetchone()  # type: ignore[misc]
         variables = json.loads(variables_json)
@@ -97,6 +92,18 @@ def test_a_crafted_pickle_with_matching_checks_is_never_unpickled(
         forged = inline_data[:offset] + crafted + inline_data[offset + header_size:]
         connection.execute("UPDATE steps SET variables = ?, inline_data = ?",
                            [json.dumps(variables), forged])
+
+
+def test_a_crafted_pickle_with_matching_checks_is_never_unpickled(
+        session: NotebookSession, counter: Path, tmp_path: Path) -> None:
+    """Someone who can write the store swaps a step's state stream for a pickle that runs
+    code, fixing up its size and integrity check: the signature still refuses it."""
+    cell = counted_step(counter, "load", "rows = [1, 2, 3]")
+    session.ok(cell)
+    marker = tmp_path / "exploited"
+    crafted = pickle.dumps(Exploit(marker))
+    session.shell.magics_manager.registry["DurableMagics"].executor.close()  # its lock
+    forge_state_header(session.store_path, crafted)
     # Control: the forgery passes every integrity check; only the signature stands in the way.
     control = tmp_path / "control.duckdb"
     shutil.copy(session.store_path, control)
