@@ -112,7 +112,7 @@ class DurableExecutor:
         # Step name -> {variable: (id of the object, digest)} it left behind this session.
         self._left_behind: dict[str, dict[str, tuple[int, str]]] = {}
         # Positions that replayed in this session (see _replayed_inputs).
-        self._replayed_positions: set[int] = set()
+        self._replayed_positions = _Positions()
 
     # -- configuration -----------------------------------------------------------------
 
@@ -183,8 +183,7 @@ class DurableExecutor:
         position = 1 if step_name is None else self.store.position_of(workflow_id, step_name)
         count = self.store.delete_steps(workflow_id, from_sequence_number=position)
         self.next_sequence_number = min(self.next_sequence_number, position)
-        self._replayed_positions = {number for number in self._replayed_positions
-                                    if number < position}
+        self._replayed_positions.keep_below(position)
         log.info("Reset %d step record(s) of workflow %r%s", count, workflow_id,
                  f" from step {step_name!r} on" if step_name else "")
         self._emit(StepEvent(workflow_id, position, step_name or "", "reset", "reset"))
@@ -283,7 +282,7 @@ class DurableExecutor:
         by_name, _ = self.store.live_index(workflow_id)
         known = by_name.get(step_name)
         position = known.sequence_number if known is not None else self.next_sequence_number
-        if any(number not in self._replayed_positions for number in range(1, position)):
+        if not self._replayed_positions.all_before(position):
             return set()
         namespace = self.host.namespace
         return {name for name in inputs
@@ -621,6 +620,38 @@ class DurableExecutor:
             return False
         return now == before and [item.output for item in outputs] == \
             [item.output for item in previous_outputs]
+
+
+class _Positions:
+    """The positions that replayed in this session, and how many from 1 on all did (kept
+    as they change, so that asking costs nothing per step of history)."""
+
+    def __init__(self) -> None:
+        self._numbers: set[int] = set()
+        self._prefix = 0  # 1.._prefix all replayed
+
+    def __bool__(self) -> bool:
+        return bool(self._numbers)
+
+    def add(self, number: int) -> None:
+        self._numbers.add(number)
+        while self._prefix + 1 in self._numbers:
+            self._prefix += 1
+
+    def discard(self, number: int) -> None:
+        self._numbers.discard(number)
+        self._prefix = min(self._prefix, number - 1)
+
+    def keep_below(self, position: int) -> None:
+        self._numbers = {number for number in self._numbers if number < position}
+        self._prefix = min(self._prefix, position - 1)
+
+    def clear(self) -> None:
+        self._numbers.clear()
+        self._prefix = 0
+
+    def all_before(self, position: int) -> bool:
+        return self._prefix >= position - 1
 
 
 @dataclass(frozen=True)

@@ -196,13 +196,13 @@ class StepStore:
         after = self.database.file_state()
         # Keep it only if nobody committed while we read (then it describes `after`).
         if after == token or token[0] is None:
-            self._snapshots[workflow_id] = replace(snapshot, token=after)
+            self._snapshots[workflow_id] = snapshot.with_token(after)
         return snapshot
 
     def _after_checkpoint(self, before: Any, after: Any) -> None:
         """The WAL was folded into the file while we held the lock: what we read under the
         old file state still holds under the new one."""
-        self._snapshots = {workflow_id: replace(snapshot, token=after)
+        self._snapshots = {workflow_id: snapshot.with_token(after)
                            if snapshot.token == before else snapshot
                            for workflow_id, snapshot in self._snapshots.items()}
 
@@ -240,7 +240,7 @@ class StepStore:
                 snapshot = self._read_snapshot_txn(connection, record.workflow_id)
             token = self.database.file_state()
         if self.database.file_state() == token:
-            self._snapshots[record.workflow_id] = replace(snapshot, token=token)
+            self._snapshots[record.workflow_id] = snapshot.with_token(token)
         return stored
 
     def delete_steps(self, workflow_id: str, from_sequence_number: int = 1) -> int:
@@ -424,7 +424,7 @@ class StepStore:
                     trusted.add(key)
         (last,) = connection.execute("SELECT coalesce(max(sequence_number), 0) FROM steps "
                                      "WHERE workflow_id = ?", [workflow_id]).fetchone() or (0,)
-        return _Snapshot(None, tuple(history), outputs, variables, int(last), trusted)
+        return _Snapshot(None, history, outputs, variables, int(last), trusted)
 
     def _record_step_txn(self, connection: Connection, record: StepRecord, placed: _Placed,
                          supersede_from: int | None, stale_after: int | None,
@@ -587,7 +587,7 @@ class StepStore:
 @dataclass(frozen=True)
 class _Snapshot:
     token: Any
-    history: tuple[StepRecord, ...]
+    history: list[StepRecord]
     # Of completed steps small enough to keep (SNAPSHOT_STEP_BYTES); larger ones are read
     # when they replay.
     outputs: dict[tuple[int, int], list[StoredOutput]]
@@ -612,9 +612,10 @@ class _Snapshot:
         failure_aside = stored.superseded_at is not None
         if supersede_from is None and stale_after is None and not failure_aside \
                 and (not self.history or self.history[-1].sequence_number < stored.sequence_number):
-            # The common case, a new step at the end: no pass over the whole history.
-            history = (*self.history, stored)
-            outputs_kept, variables_kept = dict(self.outputs), dict(self.variables)
+            # The common case, a new step at the end: this snapshot is done with (the store
+            # dropped it before committing), so its structures are taken over and extended
+            # in place: no pass over, and no copy of, the whole history.
+            return self._appended(stored, outputs, variables, small)
         else:
             steps = list(self.history)
             if stale_after is not None:
@@ -626,7 +627,7 @@ class _Snapshot:
                 steps = sorted([step for step in steps
                                 if step.sequence_number != stored.sequence_number] + [stored],
                                key=lambda step: step.sequence_number)
-            history = tuple(steps)
+            history = steps
             live = {(step.sequence_number, step.revision) for step in history
                     if step.status == COMPLETED}
             outputs_kept = {key: value for key, value in self.outputs.items() if key in live}
@@ -638,6 +639,32 @@ class _Snapshot:
             trusted.add(key)  # just signed by us
         return _Snapshot(self.token, history, outputs_kept, variables_kept,
                          max(self.last_position, stored.sequence_number), trusted)
+
+    def _appended(self, stored: StepRecord, outputs: Sequence[StoredOutput],
+                  variables: list[StoredVariable], small: bool) -> _Snapshot:
+        self.history.append(stored)
+        if stored.status == COMPLETED and small:
+            key = (stored.sequence_number, stored.revision)
+            self.outputs[key], self.variables[key] = list(outputs), variables
+            self.trusted.add(key)  # just signed by us
+        snapshot = _Snapshot(self.token, self.history, self.outputs, self.variables,
+                             max(self.last_position, stored.sequence_number), self.trusted)
+        # The indexes, if computed already, are extended rather than built again.
+        if "by_name" in self.__dict__:
+            self.by_name[stored.step_name] = stored
+            snapshot.__dict__["by_name"] = self.by_name
+        if "by_position" in self.__dict__:
+            self.by_position[stored.sequence_number] = stored
+            snapshot.__dict__["by_position"] = self.by_position
+        return snapshot
+
+    def with_token(self, token: Any) -> _Snapshot:
+        """The same snapshot, valid under another file state (its indexes kept)."""
+        snapshot = replace(self, token=token)
+        for name in ("by_name", "by_position"):
+            if name in self.__dict__:
+                snapshot.__dict__[name] = self.__dict__[name]
+        return snapshot
 
 
 # A completed step whose outputs and inline values take more than this is not kept in the
