@@ -2,7 +2,7 @@
 message the kernel shows is true to the store, and the step replays iff it was recorded.
 
 DURABLE_NB_INTERRUPT_PROBES raises the number of interrupts (default 10); the delays are
-seeded (DURABLE_NB_INTERRUPT_SEED), spread over the step's whole duration and past it.
+seeded (DURABLE_NB_INTERRUPT_SEED), spread over the step's duration (code and commit).
 """
 
 from __future__ import annotations
@@ -132,8 +132,11 @@ def test_interrupts_across_a_slow_commit_are_reported_truthfully_and_replay_iff_
         run_ok(kernel, "%durable_workflow calibration")
         step_seconds = run_ok(kernel, step_cell("calibration", 1)).seconds
         generator = random.Random(SEED)
-        # One delay in each slice of the step's duration (and a little past it), in random order.
-        delays = [(slot + generator.random()) / PROBES * step_seconds * 1.15 for slot in range(PROBES)]
+        # One delay in each slice of the step's duration, in random order. Not past its end:
+        # an interrupt that lands in ipykernel's own work between the cell's end and its
+        # reply is caught there ("KeyboardInterrupt caught in kernel") and the reply is never
+        # sent, with or without durable_nb (left to ipykernel; see the README's Limits).
+        delays = [(slot + generator.random()) / PROBES * step_seconds * 0.9 for slot in range(PROBES)]
         generator.shuffle(delays)
         probes = [interrupt_during_step(kernel, store_path, index, delay)
                   for index, delay in enumerate(delays)]
