@@ -142,9 +142,10 @@ def _run_on(pool: Any, fn: Callable[[Any], Any], items: list[Any], pending: list
     """Submit every pending item; commit results in the kernel's thread as they arrive. On
     the first failure, cancel what has not started, record what still completes, raise."""
     finished: queue.Queue[tuple[int, Any]] = queue.Queue()
-    started = time.perf_counter()
     futures = {}
+    submitted: dict[int, float] = {}  # an item's duration counts from its submission
     for index in pending:
+        submitted[index] = time.perf_counter()
         future = pool.submit(fn, items[index])
         futures[index] = future
         future.add_done_callback(lambda done, index=index: finished.put((index, done)))
@@ -168,7 +169,7 @@ def _run_on(pool: Any, fn: Callable[[Any], Any], items: list[Any], pending: list
                     for other in futures.values():
                         other.cancel()
                 continue
-            journal.commit(index, result, time.perf_counter() - started)
+            journal.commit(index, result, time.perf_counter() - submitted[index])
             results[index] = result
     except BaseException:  # an interrupt or a timeout: stop what has not started
         for other in futures.values():

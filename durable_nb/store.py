@@ -126,9 +126,8 @@ class StepStore:
         signed = dict(zip(_SIGNED_COLUMNS, row))
         if verify and not self.signer.verify(row[:len(_SIGNED_COLUMNS)], row[-2], row[-1]):
             raise UntrustedStepError(self.path, record.step_name, record.sequence_number)
-        outputs = signed["outputs"] if signed["outputs_file"] is None \
-            else self._read_outputs_file(record, signed["outputs_file"])
-        return (_outputs_from_row(outputs, signed["output_transients"]),
+        return (self._stored_outputs(record, signed["outputs"], signed["outputs_file"],
+                                     signed["output_transients"]),
                 _variables_from_row(record, signed["variables"], row[-2]))
 
     def trust(self) -> int:
@@ -138,9 +137,9 @@ class StepStore:
         self._snapshots.clear()
         with self.database.transaction() as connection:
             rows = connection.execute(f"SELECT {_SIGNED}, inline_data, signature FROM steps").fetchall()
-            changed = [(self.signer.sign(row[:len(_SIGNED_COLUMNS)], row[-2]), row[0], row[1], row[2])
-                       for row in rows
-                       if not self.signer.verify(row[:len(_SIGNED_COLUMNS)], row[-2], row[-1])]
+            signed = [(self.signer.sign(row[:len(_SIGNED_COLUMNS)], row[-2]), row) for row in rows]
+            changed = [(signature, row[0], row[1], row[2])
+                       for signature, row in signed if signature != row[-1]]
             for signature, *key in changed:
                 connection.execute("UPDATE steps SET signature = ? WHERE workflow_id = ? AND "
                                    "sequence_number = ? AND revision = ?", [signature, *key])
@@ -153,10 +152,14 @@ class StepStore:
                 "SELECT outputs, outputs_file, output_transients FROM steps WHERE workflow_id = ? "
                 "AND sequence_number = ? AND revision = ?",
                 [record.workflow_id, record.sequence_number, record.revision]).fetchone()
-        if row is None:
-            return []
-        return _outputs_from_row(row[0] if row[1] is None else self._read_outputs_file(record, row[1]),
-                                 row[2])
+        return [] if row is None else self._stored_outputs(record, *row)
+
+    def _stored_outputs(self, record: StepRecord, outputs: str, outputs_file: str | None,
+                        transients: str | None) -> list[StoredOutput]:
+        """A row's outputs: in the row, or in the payload file it names."""
+        if outputs_file is not None:
+            outputs = self._read_outputs_file(record, outputs_file)
+        return _outputs_from_row(outputs, transients)
 
     def _read_outputs_file(self, record: StepRecord, sha256: str) -> str:
         try:

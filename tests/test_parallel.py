@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -109,6 +108,13 @@ def test_notebook_functions_and_lambdas_run_in_the_process_pool(session: Noteboo
     assert os.getpid() not in session.ns["pids"]
 
 
+def failing_once(flag: Path, item: int, error: str) -> str:
+    """`work`'s lines that make item `item` raise `error` the first time only."""
+    return (f"    if x == {item} and not pathlib.Path({str(flag)!r}).exists():\n"
+            f"        pathlib.Path({str(flag)!r}).touch()\n"
+            f"        raise {error}\n")
+
+
 def counting_step(runs: Path, body: str, options: str = "") -> str:
     return ("%%durable_step sweep " + options + "\nimport durable_nb, pathlib\n"
             f"def work(x):\n    with open({str(runs)!r}, 'a') as f:\n        f.write(f'{{x}}\\n')\n"
@@ -119,10 +125,7 @@ def test_a_failing_item_is_retried_with_the_step_and_only_what_is_left_runs(
         session: NotebookSession, tmp_path: Path) -> None:
     runs, flaky = tmp_path / "runs.txt", tmp_path / "failed-once"
     cell = counting_step(runs, (
-        "    if x == 3 and not pathlib.Path(" + repr(str(flaky)) + ").exists():\n"
-        "        pathlib.Path(" + repr(str(flaky)) + ").touch()\n"
-        "        raise ConnectionError('flaky')\n"
-        "    return x * 2\n"
+        failing_once(flaky, 3, "ConnectionError('flaky')") + "    return x * 2\n"
         "doubled = durable_nb.map(work, range(6))"), "--retries 1 --backoff 0")
     run = session.ok(cell)
     assert session.ns["doubled"] == [0, 2, 4, 6, 8, 10]
@@ -135,10 +138,7 @@ def test_without_retries_the_cell_fails_naming_the_item_and_a_rerun_runs_the_res
         session: NotebookSession, tmp_path: Path) -> None:
     runs, flaky = tmp_path / "runs.txt", tmp_path / "failed-once"
     cell = counting_step(runs, (
-        "    if x == 2 and not pathlib.Path(" + repr(str(flaky)) + ").exists():\n"
-        "        pathlib.Path(" + repr(str(flaky)) + ").touch()\n"
-        "        raise ValueError('bad input')\n"
-        "    return -x\n"
+        failing_once(flaky, 2, "ValueError('bad input')") + "    return -x\n"
         "negated = durable_nb.map(work, range(4))"))
     failed = session.run(cell)
     assert isinstance(failed.error, MapItemError) and failed.error.index == 2
@@ -175,16 +175,17 @@ def test_map_outside_a_step_and_bad_workers_are_refused(tmp_path: Path) -> None:
 
 def test_reset_forgets_the_items_of_an_interrupted_map(tmp_path: Path) -> None:
     workflow = Workflow("w", db=str(tmp_path / "s.duckdb"))
+    events: list[Any] = []
+    workflow.executor.add_listener(events.append)  # what the status widget hears
     with pytest.raises(MapItemError):
         workflow.run_cell("m", "import durable_nb\ndef f(x):\n    if x == 2: raise KeyError(x)\n"
                                "    return x\ndurable_nb.map(f, range(4))")
+    assert [event.items for event in events if event.items] == [(0, 4), (1, 4), (2, 4)]
+    assert [event.reason for event in events if event.items][-1].endswith("map: 2/4 items")
     assert workflow.store.item_progress("w") == {"m": (2, 4)}
     workflow.reset()
     assert workflow.store.item_progress("w") == {}
 
-
-def test_kill_signal_is_what_the_tests_use() -> None:
-    assert signal.SIGKILL.value == 9  # Kernel.kill sends SIGKILL, never a catchable signal
 
 
 def test_status_shows_how_far_an_interrupted_map_got(tmp_path: Path) -> None:

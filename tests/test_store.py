@@ -355,6 +355,10 @@ def test_version_2_store_moves_outputs_and_chunks_into_step_rows(tmp_path: Path)
     assert [item.transient for item in outputs] == [None, {"display_id": "abc"}]
     assert (variable.name, variable.type_name, variable.content_digest) == ("arr", "ndarray", "digest")
     assert np.array_equal(decode(variable, load_chunks(store, variable)), array)
+    # Written before stores were signed: read, but not trusted for replay until `trust`.
+    from durable_nb.errors import UntrustedStepError
+    with pytest.raises(UntrustedStepError, match="did not sign stores yet"):
+        store.read_step(step, verify=True)
     with duckdb.connect(str(path)) as connection:
         tables = {row[0] for row in connection.execute("SHOW TABLES").fetchall()}
     assert tables == {"durable_nb_meta", "steps", "step_items"}
