@@ -47,7 +47,9 @@ def run(workdir: str, megabytes: int, repeat: int) -> int:
     from IPython.core.interactiveshell import InteractiveShell
     from traitlets.config import Config
 
-    from durable_nb import executor, fingerprint
+    from durable_nb.engine import executor
+
+    from durable_nb.state import fingerprint
 
     config = Config()
     config.HistoryManager.enabled = False

@@ -64,7 +64,7 @@ def run_cell(client, code: str) -> tuple[float, int]:
 
 
 def stored_step(store_path: str, workflow: str, step_name: str) -> list[dict]:
-    from durable_nb.store import StepStore
+    from durable_nb.store.steps import StepStore
 
     store = StepStore(store_path)
     [record] = [record for record in store.live_steps(workflow) if record.step_name == step_name]

@@ -81,7 +81,7 @@ def main() -> int:
         ip = make_shell(os.path.join(workdir, "ipython"))
         db = os.path.join(workdir, "store.duckdb")
         ip.run_line_magic("load_ext", "durable_nb")
-        from durable_nb.db import Database
+        from durable_nb.store.db import Database
         from timing import CallTimer
 
         opens = CallTimer(Database, "_open_with_retry")

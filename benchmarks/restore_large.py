@@ -38,7 +38,7 @@ class Meter:
     """Times the store's DuckDB connection opens and payload-file reads (instrumentation)."""
 
     def __init__(self) -> None:
-        from durable_nb import db, store
+        from durable_nb.store import db, steps as store
         from timing import CallTimer
 
         self._opens = CallTimer(db.Database, "_open_with_retry")

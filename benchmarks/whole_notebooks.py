@@ -152,7 +152,7 @@ def execute(notebook: NotebookNode, folder: str, env: dict[str, str]) -> Run:
 
 def recorded(store: str, workflow: str) -> dict[str, tuple[int, datetime]]:
     """Step name -> (revision, started_at) of the workflow's live records."""
-    from durable_nb.store import StepStore
+    from durable_nb.store.steps import StepStore
 
     return {record.step_name: (record.revision, record.started_at)
             for record in StepStore(store).live_steps(workflow)}

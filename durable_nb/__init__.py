@@ -15,8 +15,8 @@ __all__ = ["AmbientState", "Workflow", "__version__", "current_step", "load_ipyt
 
 
 def load_ipython_extension(shell: Any) -> None:
-    from . import events
-    from .magics import DurableMagics
+    from .engine import events
+    from .ipython.magics import DurableMagics
 
     shell.register_magics(DurableMagics)
     if events.wanted():  # a headless runner listens (durable-nb run)
@@ -41,15 +41,15 @@ def __getattr__(name: str) -> Any:
 
         return Workflow
     if name == "current_step":
-        from .context import current_step
+        from .engine.context import current_step
 
         return current_step
     if name == "map":
-        from .parallel import map
+        from .engine.parallel import map
 
         return map
     if name in ("AmbientState", "register_ambient"):
-        from . import ambient
+        from .state import ambient
 
         return ambient.AmbientState if name == "AmbientState" else ambient.register
     raise AttributeError(f"module 'durable_nb' has no attribute {name!r}")

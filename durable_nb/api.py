@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from .executor import DurableExecutor
-from .host import PlainHost
+from .engine.executor import DurableExecutor
+from .cells.host import PlainHost
 from .options import StepOptions
 from .records import StepRecord
-from .store import StepStore
+from .store.steps import StepStore
 
 
 class Workflow:

@@ -31,7 +31,7 @@ def _raised_in_a_steps_code(error: BaseException) -> bool:
         while entry is not None:
             frame = entry.tb_frame
             if frame.f_code.co_name == "run_compiled" \
-                    and frame.f_globals.get("__name__") == "durable_nb.cell":
+                    and frame.f_globals.get("__name__") == "durable_nb.cells.cell":
                 return True
             entry = entry.tb_next
     return False
@@ -272,3 +272,32 @@ class MapItemError(DurableError):
             f"Item {index} ({shown}) of durable_nb.map in step {step_name!r} failed: "
             f"{type(cause).__name__}: {cause}. {recorded} of {total} items are recorded: "
             "running the step again (or --retries) executes only the others.")
+
+
+class DurableWarning(UserWarning):
+    """A step completed, but some of its state could not be stored or restored."""
+
+
+class RestoreError(DurableError):
+    def __init__(self, step_name: str, variable_name: str | None, detail: str) -> None:
+        self.step_name = step_name
+        self.variable_name = variable_name
+        what = "the state" if variable_name is None else repr(variable_name)
+        super().__init__(f"Cannot restore {what} of step {step_name!r}: {detail}. "
+                         "The step executes instead, and is recorded anew.")
+
+
+class UnknownWorkflowError(DurableError):
+    def __init__(self, path: str, workflow_id: str, known: list[str]) -> None:
+        self.path = path
+        self.workflow_id = workflow_id
+        self.known = known
+        names = ", ".join(repr(name) for name in known) or "none"
+        super().__init__(f"No workflow {workflow_id!r} in {path} (its workflows: {names}). "
+                         "`durable-nb list` shows them; pass --db PATH for another store.")
+
+
+class NotebookFailedError(DurableError):
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {reason}")

@@ -9,7 +9,7 @@ from IPython.core.getipython import get_ipython
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
 
-from durable_nb.store import StepStore
+from durable_nb.store.steps import StepStore
 
 
 @dataclass

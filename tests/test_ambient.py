@@ -29,7 +29,7 @@ import pandas as pd
 import pytest
 from cycler import cycler
 
-from durable_nb import ambient
+from durable_nb.state import ambient
 
 BUILT_IN_NAMES = ["os.environ", "cwd", "sys.path", "warnings.filters", "random", "numpy.random",
                   "numpy.printoptions", "pandas.options", "matplotlib.rcParams"]
@@ -348,7 +348,7 @@ def test_changes_apply_in_a_fresh_process(tmp_path: Path) -> None:
 
     output = run_python(f"""
         import os, pickle, random, sys, warnings
-        from durable_nb import ambient
+        from durable_nb.state import ambient
         with open({str(tmp_path / "changes.pickle")!r}, "rb") as file:
             recorded = pickle.load(file)
         problems = ambient.apply(recorded)
@@ -380,7 +380,7 @@ def test_a_library_first_imported_by_the_step_replays_in_a_fresh_process(
     run_python(f"""
         import pickle, sys
         import cloudpickle
-        from durable_nb import ambient
+        from durable_nb.state import ambient
         before = ambient.snapshot()
         imported_before = [name for name in ("numpy", "pandas", "matplotlib")
                            if name in sys.modules]
@@ -399,7 +399,7 @@ def test_a_library_first_imported_by_the_step_replays_in_a_fresh_process(
 
     output = run_python(f"""
         import pickle, warnings
-        from durable_nb import ambient
+        from durable_nb.state import ambient
         with open({str(tmp_path / "step.pickle")!r}, "rb") as file:
             recorded = pickle.load(file)[2]
         with warnings.catch_warnings(record=True) as caught:
@@ -428,7 +428,7 @@ def test_a_library_first_imported_by_the_step_replays_in_a_fresh_process(
 def write_plugin(folder: Path) -> None:
     """A module and the installed-distribution metadata that declares its entry points."""
     (folder / "ambient_plugin.py").write_text(textwrap.dedent("""
-        from durable_nb.ambient import AmbientState
+        from durable_nb.state.ambient import AmbientState
 
         SETTINGS = {"units": "metric"}
 
@@ -460,7 +460,7 @@ def test_entry_points_add_kinds_and_a_broken_one_is_skipped(tmp_path: Path) -> N
         import logging, sys
         sys.path.insert(0, {str(tmp_path)!r})
         logging.basicConfig(level=logging.WARNING, format="LOG %(message)s")
-        from durable_nb import ambient
+        from durable_nb.state import ambient
         print("names", [state.name for state in ambient.registered()])
         import ambient_plugin
         before = ambient.snapshot()
@@ -479,7 +479,7 @@ def test_entry_points_add_kinds_and_a_broken_one_is_skipped(tmp_path: Path) -> N
 
 def test_register_replaces_a_kind_in_its_place_and_adds_new_ones_last(tmp_path: Path) -> None:
     output = run_python("""
-        from durable_nb import ambient
+        from durable_nb.state import ambient
         ambient.register(ambient.AmbientState("random", lambda: "mine", lambda change: None))
         ambient.register(ambient.AmbientState("extra", lambda: 1, lambda change: None))
         print([state.name for state in ambient.registered()])

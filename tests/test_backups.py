@@ -15,7 +15,7 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook
 
-from durable_nb.store import COMPLETED, StepStore
+from durable_nb.store.steps import COMPLETED, StepStore
 
 from .kernels import Kernel
 

@@ -22,8 +22,8 @@ from IPython.core.error import UsageError
 from durable_nb import Workflow
 from durable_nb.errors import (DuplicateStepError, StepNotRecordedError, StoreLockedError,
                                StoreVersionError, WorkflowNotNamedError)
-from durable_nb.executor import DurableWarning
-from durable_nb.store import COMPLETED, StepStore
+from durable_nb.errors import DurableWarning
+from durable_nb.store.steps import COMPLETED, StepStore
 
 from .conftest import CellRun, NotebookSession
 from .test_store import lock_held_by_another_process

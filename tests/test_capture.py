@@ -21,9 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nbformat.v4 import new_code_cell, new_notebook
 
-from durable_nb import capture
-from durable_nb.capture import OutputRecorder, recording
-from durable_nb.store import StepStore
+from durable_nb.cells import capture
+from durable_nb.cells.capture import OutputRecorder, recording
+from durable_nb.store.steps import StepStore
 
 from .kernels import Kernel
 

@@ -163,7 +163,7 @@ def recover_outcome(store: Path, counter: Path) -> tuple[str, str]:
 
 def recover_in_process(store: Path, counter: Path) -> str:
     """recover_outcome through cli.main in this process (the fuzzing runs it 40 times)."""
-    from durable_nb import cli
+    from durable_nb.tools import cli
 
     before = fingerprint(store)
     error, output = io.StringIO(), io.StringIO()
@@ -377,7 +377,7 @@ def test_a_crafted_pickle_in_a_row_never_runs_not_even_after_recover(
 _KILLED_AFTER_COMMITS = """
 import os, sys
 from durable_nb import Workflow
-from durable_nb.executor import DurableExecutor
+from durable_nb.engine.executor import DurableExecutor
 for name, steps in (("alpha", {alpha!r}), ("beta", {beta!r})):
     flow = Workflow(name, db=sys.argv[1])
     flow.executor.store.database.linger_seconds = 600  # no close, so no checkpoint

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from durable_nb import Workflow
-from durable_nb.decision import decide
-from durable_nb.store import StepRecord
+from durable_nb.engine.decision import decide
+from durable_nb.store.steps import StepRecord
 
 
 def history(*steps: tuple[str, str, str]) -> list[StepRecord]:

@@ -355,7 +355,7 @@ def test_small_value_changed_outside_any_cell_is_seen(session: NotebookSession, 
 
 def test_a_large_step_result_is_not_hashed_again_to_fingerprint_its_readers(
         session: NotebookSession, counter: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from durable_nb import executor
+    from durable_nb.engine import executor
 
     hashed: list[int] = []
     original = executor.sized_digest

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from durable_nb.store import COMPLETED, StepStore
+from durable_nb.store.steps import COMPLETED, StepStore
 
 from .kernels import CellResult, Kernel
 from .test_kernel import half_recorded_problems

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from nbformat import NotebookNode
 
-from durable_nb.store import StepStore
+from durable_nb.store.steps import StepStore
 
 from .kernels import CellResult, DeadKernelError, Kernel
 

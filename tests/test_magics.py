@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from IPython.core.error import UsageError
 
-from durable_nb.executor import DurableWarning
+from durable_nb.errors import DurableWarning
 
 from .conftest import NotebookSession, counted_step as counted, runs
 
@@ -387,7 +387,7 @@ def test_changing_directory_between_steps_keeps_the_store(
     session.ok("%%durable_step a\nx = 1")
     session.ok("import os\nos.chdir('sub')")
     session.ok("%%durable_step b\ny = 2")
-    from durable_nb.store import StepStore
+    from durable_nb.store.steps import StepStore
     assert [s.step_name for s in StepStore(tmp_path / "relative.duckdb").live_steps("moving")] == ["a", "b"]
     assert not (tmp_path / "sub" / "relative.duckdb").exists()
 
@@ -408,7 +408,7 @@ def test_lock_timeout_follows_config_and_environment(session: NotebookSession,
 
 def test_the_magics_parse_with_the_one_parser_and_show_its_help(session: NotebookSession) -> None:
     from durable_nb import magic_lines
-    from durable_nb.magics import DurableMagics
+    from durable_nb.ipython.magics import DurableMagics
 
     for name in ("durable_step", "durable_workflow", "durable_reset"):
         declaration = getattr(magic_lines, name)

@@ -14,7 +14,7 @@ import pytest
 
 from durable_nb import Workflow
 from durable_nb.errors import MapItemError
-from durable_nb.store import StepStore
+from durable_nb.store.steps import StepStore
 
 from .conftest import NotebookSession
 from .kernels import Kernel
@@ -206,8 +206,8 @@ def test_durable_nb_run_hears_a_running_maps_progress_and_each_steps_outcome_fro
     import nbformat
     from nbformat.v4 import new_code_cell, new_notebook
 
-    from durable_nb.progress import RunProgress
-    from durable_nb.runner import NotebookRunner, StepOutcome
+    from durable_nb.tools.progress import RunProgress
+    from durable_nb.tools.runner import NotebookRunner, StepOutcome
 
     nbformat.write(new_notebook(cells=[
         new_code_cell("%load_ext durable_nb\nimport durable_nb, time"),

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from durable_nb.codec import RestoreFailed, decode_state, encode_state
-from durable_nb.executor import DurableWarning
-from durable_nb.references import index_live_objects
+from durable_nb.state.codec import RestoreFailed, decode_state, encode_state
+from durable_nb.errors import DurableWarning
+from durable_nb.state.references import index_live_objects
 
 from .conftest import NotebookSession, counted_step, runs
 

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from durable_nb import Workflow
 from durable_nb.errors import (StepNotRecordedError, StoreCorruptError, StoreLockedError,
                                StoreVersionError, UnknownStepError)
-from durable_nb.fingerprint import out_of_band
-from durable_nb.store import StepRecord, StepStore, StoredOutput, StoredVariable, load_chunks
+from durable_nb.state.fingerprint import out_of_band
+from durable_nb.store.steps import StepRecord, StepStore, StoredOutput, StoredVariable, load_chunks
 
 
 def encode(name: str, value: Any) -> StoredVariable:
@@ -221,7 +221,7 @@ def test_reset_removes_the_step_and_everything_after_it_in_that_workflow_only(tm
 
 
 def test_version_1_store_is_migrated_in_place_keeping_its_steps(tmp_path: Path) -> None:
-    from durable_nb import db
+    from durable_nb.store import db
 
     path = tmp_path / "old.duckdb"
     with duckdb.connect(str(path)) as connection:
@@ -318,7 +318,7 @@ def test_version_2_store_moves_outputs_and_chunks_into_step_rows(tmp_path: Path)
     back the same after the migration to one row per step."""
     import hashlib
 
-    from durable_nb import db
+    from durable_nb.store import db
 
     path = tmp_path / "v2.duckdb"
     array = np.arange(50_000, dtype=np.float64)

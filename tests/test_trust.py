@@ -21,11 +21,11 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from durable_nb.executor import DurableWarning
+from durable_nb.errors import DurableWarning
 from durable_nb.errors import UntrustedStepError
-from durable_nb.codec import decode_state
-from durable_nb.store import StepStore, load_chunks
-from durable_nb.trust import Signer, load_secret
+from durable_nb.state.codec import decode_state
+from durable_nb.store.steps import StepStore, load_chunks
+from durable_nb.store.trust import Signer, load_secret
 
 from .conftest import NotebookSession, counted_step, runs
 from .test_cli import durable_nb

@@ -12,7 +12,7 @@ import cloudpickle
 import numpy as np
 import pandas as pd
 
-from durable_nb.fingerprint import value_digest
+from durable_nb.state.fingerprint import value_digest
 from durable_nb.records import is_opaque
 
 NOTEBOOK_CODE = """
@@ -31,7 +31,7 @@ value = {'tags': {'one', 'two', 'three', 'four'}, 'scale': scale, 'box': Box(),
 
 
 def digest_in_a_new_process(hash_seed: str) -> str:
-    script = ("import sys\nfrom durable_nb.fingerprint import value_digest\n"
+    script = ("import sys\nfrom durable_nb.state.fingerprint import value_digest\n"
               f"exec({NOTEBOOK_CODE!r}, sys.modules['__main__'].__dict__)\n"
               "print(value_digest(value))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -68,7 +68,7 @@ def test_unpicklable_value_is_fingerprinted_by_type() -> None:
 
 
 def test_an_array_shared_by_many_objects_is_hashed_once() -> None:
-    from durable_nb.fingerprint import sized_digest
+    from durable_nb.state.fingerprint import sized_digest
 
     weights = np.ones(100_000)
     models = [{"weights": weights, "id": index} for index in range(50)]
@@ -81,7 +81,7 @@ def test_an_array_shared_by_many_objects_is_hashed_once() -> None:
 def test_a_matplotlib_histogram_digests_the_same_in_every_process() -> None:
     # Its transform tree keeps `{id(parent): parent}` dicts: addresses differ per process.
     script = ("import matplotlib\nmatplotlib.use('agg')\nimport matplotlib.pyplot as plt\n"
-              "import numpy as np\nfrom durable_nb.fingerprint import value_digest\n"
+              "import numpy as np\nfrom durable_nb.state.fingerprint import value_digest\n"
               "fig, ax = plt.subplots()\nhist = ax.hist(np.arange(20.0) % 7)\n"
               "print(value_digest(hist), value_digest(fig))")
     digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

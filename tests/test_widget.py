@@ -16,8 +16,8 @@ import pytest
 from nbconvert import HTMLExporter
 from nbformat.v4 import new_code_cell, new_notebook
 
-from durable_nb import status
-from durable_nb.widget import StepStatusWidget
+from durable_nb.tools import status
+from durable_nb.ipython.widget import StepStatusWidget
 
 from .conftest import NotebookSession
 from .kernels import Kernel

@@ -1,6 +1,6 @@
 """Runs inside the notebook's kernel: describe variables so that two runs can be compared.
 
-Two values are the same when their digests are: `durable_nb.fingerprint.value_digest`, the
+Two values are the same when their digests are: `durable_nb.state.fingerprint.value_digest`, the
 rule the executor fingerprints a step's inputs with (stable across kernel processes and for a
 value's restored copy). Only the standard library and durable_nb's fingerprint module are
 imported here: this module is imported by the kernel, which need not have pytest.
@@ -15,7 +15,7 @@ import reprlib
 import sys
 from typing import Any, Iterable, Mapping
 
-from ..fingerprint import value_digest
+from ..state.fingerprint import value_digest
 from ..records import is_opaque
 
 MISSING = "<not defined>"

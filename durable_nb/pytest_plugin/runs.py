@@ -22,7 +22,7 @@ from IPython.core.error import UsageError
 
 from ..magic_lines import WORKFLOW_MAGIC, WorkflowLine, step_line_of, workflow_lines_of
 from ..records import COMPLETED, StepRecord
-from ..store import StepStore
+from ..store.steps import StepStore
 from .markers import cell_options
 
 # Settings of the developer's shell that would point the kernels at another store.

@@ -18,10 +18,10 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from .. import status
-from ..cli import UnknownWorkflowError, json_value, nbformat_outputs, require_workflow
-from ..errors import DurableError, StoreLockedError, UnknownStepError
-from ..store import StepStore
+from ..tools import status
+from ..tools.cli import json_value, nbformat_outputs, require_workflow
+from ..errors import DurableError, StoreLockedError, UnknownStepError, UnknownWorkflowError
+from ..store.steps import StepStore
 
 AUTH_RESOURCE = "durable_nb"
 _NAME = r"([^/]+)"  # a workflow or step name, percent-encoded ('/' as %2F)

@@ -57,7 +57,7 @@ class AmbientState:
 
     Example, for a module-level setting of your own::
 
-        import durable_nb.ambient as ambient
+        import durable_nb.state.ambient as ambient
         import mylib
 
         ambient.register(ambient.AmbientState(

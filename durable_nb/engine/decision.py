@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Collection, Mapping, Sequence
 
-from .records import COMPLETED, STALE, StepRecord, is_opaque
+from ..records import COMPLETED, STALE, StepRecord, is_opaque
 
 REPLAY_REASON = "completed with the same code and inputs"
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from .fingerprint import sized_digest, value_digest
-from .records import is_opaque
+from ..records import is_opaque
 from .reads import globals_used_by
 
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), range, types.ModuleType,

@@ -14,23 +14,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .errors import DurableError
+from ..errors import DurableError, UnknownWorkflowError
 
 if TYPE_CHECKING:
-    from .records import StepRecord, StoredOutput
-    from .store import StepStore
+    from ..records import StepRecord, StoredOutput
+    from ..store.steps import StepStore
 
 EXPORT_FORMAT_VERSION = 1
-
-
-class UnknownWorkflowError(DurableError):
-    def __init__(self, path: str, workflow_id: str, known: list[str]) -> None:
-        self.path = path
-        self.workflow_id = workflow_id
-        self.known = known
-        names = ", ".join(repr(name) for name in known) or "none"
-        super().__init__(f"No workflow {workflow_id!r} in {path} (its workflows: {names}). "
-                         "`durable-nb list` shows them; pass --db PATH for another store.")
 
 
 # -- run --------------------------------------------------------------------------------
@@ -82,8 +72,8 @@ def command_demo(arguments: argparse.Namespace) -> int:
 
 
 def _quickstart_path() -> Path:
-    packaged = Path(__file__).parent / "notebooks" / "quickstart.ipynb"
-    in_repository = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
+    packaged = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
+    in_repository = Path(__file__).resolve().parent.parent.parent / "notebooks" / "quickstart.ipynb"
     for candidate in (packaged, in_repository):
         if candidate.is_file():
             return candidate
@@ -94,7 +84,7 @@ def _quickstart_path() -> Path:
 
 def command_list(arguments: argparse.Namespace) -> int:
     from .status import format_bytes
-    from .records import COMPLETED
+    from ..records import COMPLETED
 
     store = _open_store(arguments)
     overviews = store.list_workflows()
@@ -213,8 +203,8 @@ def command_trust(arguments: argparse.Namespace) -> int:
 
 
 def command_recover(arguments: argparse.Namespace) -> int:
-    from .executor import resolve_store_path
-    from .store import recover_store
+    from ..engine.executor import resolve_store_path
+    from ..store.steps import recover_store
 
     path = resolve_store_path(arguments.db)
     if not os.path.isfile(path):
@@ -252,8 +242,8 @@ def _payload_bytes(store: StepStore) -> int:
 # -- shared -----------------------------------------------------------------------------
 
 def _open_store(arguments: argparse.Namespace) -> StepStore:
-    from .executor import resolve_store_path
-    from .store import StepStore
+    from ..engine.executor import resolve_store_path
+    from ..store.steps import StepStore
 
     path = resolve_store_path(arguments.db)
     if not os.path.isfile(path):

@@ -28,8 +28,8 @@ from typing import Any, Iterable, Mapping, Sequence, cast
 
 from .db import (Connection, Database, atomic, check_integrity, fetch_dicts, integrity_check,
                  salvage)
-from .errors import PayloadCorruptError, RecoveryError, UnknownStepError, UntrustedStepError
-from .records import (COMPLETED, FAILED, STALE, BlobReference, Chunk, StepRecord, StoredChunk,
+from ..errors import PayloadCorruptError, RecoveryError, UnknownStepError, UntrustedStepError
+from ..records import (COMPLETED, FAILED, STALE, BlobReference, Chunk, StepRecord, StoredChunk,
                       StoredItem, StoredOutput, StoredVariable, WorkflowSummary, utc_now)
 from .trust import Signer
 

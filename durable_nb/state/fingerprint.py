@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from .records import OPAQUE_PREFIX
+from ..records import OPAQUE_PREFIX
 
 
 

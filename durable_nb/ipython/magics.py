@@ -8,9 +8,9 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from traitlets import Bool, Float, observe
 
-from . import magic_lines
-from .executor import DurableExecutor
-from .host import IPythonHost
+from .. import magic_lines
+from ..engine.executor import DurableExecutor
+from ..cells.host import IPythonHost
 
 
 @magics_class

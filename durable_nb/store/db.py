@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import duckdb
 
-from .errors import (StoreCorruptError, StoreError, StoreLockedError, StoreReadOnlyError,
+from ..errors import (StoreCorruptError, StoreError, StoreLockedError, StoreReadOnlyError,
                      StoreVersionError)
 
 log = logging.getLogger(__name__)

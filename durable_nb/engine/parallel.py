@@ -27,11 +27,11 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import cloudpickle
 
 from .context import current_step
-from .errors import DurableError, MapItemError
-from .fingerprint import out_of_band, value_digest
-from .references import qualified_type_name
-from .records import StoredItem, StoredVariable, is_opaque
-from .store import StepStore, load_chunks
+from ..errors import DurableError, MapItemError
+from ..state.fingerprint import out_of_band, value_digest
+from ..state.references import qualified_type_name
+from ..records import StoredItem, StoredVariable, is_opaque
+from ..store.steps import StepStore, load_chunks
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -16,8 +16,8 @@ from typing import Any, Callable, Protocol
 
 from .capture import OutputRecorder, recording
 from .cell import CompiledCell, compile_cell
-from .magic_lines import is_step_cell
-from .state import is_ipython_internal
+from ..magic_lines import is_step_cell
+from ..state.changes import is_ipython_internal
 
 log = logging.getLogger(__name__)
 

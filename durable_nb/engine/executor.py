@@ -20,25 +20,25 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Callable, Sequence
 
-from . import ambient, state
-from .cell import run_compiled
-from .codec import (ChangedInPlace, DecodedState, Unstorable, apply_state, decode_state,
+from ..state import ambient, changes as state
+from ..cells.cell import run_compiled
+from ..state.codec import (ChangedInPlace, DecodedState, Unstorable, apply_state, decode_state,
                     encode_state)
 from .context import StepContext, backoff_delay, deadline, interrupts_held, running
 from .decision import Decision, decide
-from .errors import (DurableError, DuplicateStepError, NonDeterminismError, PayloadCorruptError,
+from ..errors import (DurableWarning, RestoreError, DuplicateStepError, NonDeterminismError, PayloadCorruptError,
                      StepInterrupted, StepNotRecordedError, StoreLockedError, StrictReplayError,
                      UntrustedStepError,
                      WorkflowNotNamedError)
-from .options import StepOptions
-from .fingerprint import code_fingerprint, sized_digest, value_digest
-from .db import lock_timeout_or_default
-from .host import Host, ReplayedResult
-from .reads import input_names
-from .references import LiveObjects, describe, index_live_objects, qualified_type_name
-from .records import (BOUND, COMPLETED, DELETED, FAILED, LEGACY_CODECS, PATCHED, STATE_ROW_NAME,
+from ..options import StepOptions
+from ..state.fingerprint import code_fingerprint, sized_digest, value_digest
+from ..store.db import lock_timeout_or_default
+from ..cells.host import Host, ReplayedResult
+from ..state.reads import input_names
+from ..state.references import LiveObjects, describe, index_live_objects, qualified_type_name
+from ..records import (BOUND, COMPLETED, DELETED, FAILED, LEGACY_CODECS, PATCHED, STATE_ROW_NAME,
                       STATE_STREAM, StepRecord, StoredOutput, StoredVariable, is_opaque, utc_now)
-from .store import StepStore, load_chunks
+from ..store.steps import StepStore, load_chunks
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,6 @@ DEFAULT_STORE_FILENAME = "durable_nb.duckdb"
 # A kernel keeps its store connection this long after a step: Run All opens it once, and an
 # idle kernel holds no lock (another process can open the store a moment later).
 CONNECTION_LINGER_SECONDS = 0.3
-
-
-class DurableWarning(UserWarning):
-    """A step completed, but some of its state could not be stored or restored."""
 
 
 @dataclass(frozen=True)
@@ -77,15 +73,6 @@ def resolve_workflow_id(explicit: str | None, notebook_path: str | None) -> str:
 
 def resolve_store_path(explicit: str | None) -> str:
     return os.path.abspath(explicit or os.environ.get("DURABLE_NB_DB") or DEFAULT_STORE_FILENAME)
-
-
-class RestoreError(DurableError):
-    def __init__(self, step_name: str, variable_name: str | None, detail: str) -> None:
-        self.step_name = step_name
-        self.variable_name = variable_name
-        what = "the state" if variable_name is None else repr(variable_name)
-        super().__init__(f"Cannot restore {what} of step {step_name!r}: {detail}. "
-                         "The step executes instead, and is recorded anew.")
 
 
 class DurableExecutor:
@@ -668,8 +655,8 @@ def _warn(step_name: str, message: str) -> None:
                            lineno=1, module="durable_nb")
 
 
-_PACKAGE_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
-_OUTPUT_PLUMBING = os.path.join(_PACKAGE_DIRECTORY, "capture.py")
+_PACKAGE_DIRECTORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_OUTPUT_PLUMBING = os.path.join(_PACKAGE_DIRECTORY, "cells", "capture.py")
 
 
 def _steps_code_entries(interrupt: KeyboardInterrupt) -> list[TracebackType] | None:
@@ -687,7 +674,7 @@ def _steps_code_entries(interrupt: KeyboardInterrupt) -> list[TracebackType] | N
         return None
     kept = [entry for entry in entries[start + 1:]
             if entry.tb_frame.f_code.co_filename != _OUTPUT_PLUMBING]
-    while kept and os.path.dirname(kept[-1].tb_frame.f_code.co_filename) == _PACKAGE_DIRECTORY:
+    while kept and kept[-1].tb_frame.f_code.co_filename.startswith(_PACKAGE_DIRECTORY):
         kept.pop()
     return [*entries[:start + 1], *kept] if kept else None
 

@@ -15,12 +15,12 @@ from typing import Any, Callable
 
 from IPython.core.error import UsageError
 
-from . import events
-from .errors import DurableError
-from .executor import DEFAULT_STORE_FILENAME
-from .magic_lines import WorkflowLine, step_line_of, workflow_lines_of
-from .records import COMPLETED, utc_now
-from .store import StepStore
+from ..engine import events
+from ..errors import DurableError, NotebookFailedError
+from ..engine.executor import DEFAULT_STORE_FILENAME
+from ..magic_lines import WorkflowLine, step_line_of, workflow_lines_of
+from ..records import COMPLETED, utc_now
+from ..store.steps import StepStore
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,6 @@ class RunResult:
     notebook: Any
     attempts: int
     events: list[StepOutcome] = field(default_factory=list)
-
-
-class NotebookFailedError(DurableError):
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
-        super().__init__(f"{path}: {reason}")
 
 
 def read_magic_lines(path: str, notebook: Any) -> tuple[dict[int, str], WorkflowLine | None]:

@@ -20,7 +20,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator, TextIO
 
-from .records import StoredOutput
+from ..records import StoredOutput
 
 
 def notebook_data(data: dict[str, Any]) -> dict[str, Any]:

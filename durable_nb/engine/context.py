@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from .errors import DurableError, NotInStepError, StepTimeoutError
+from ..errors import DurableError, NotInStepError, StepTimeoutError
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ import html
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Iterable, Sequence, TypedDict
 
-from .records import COMPLETED, FAILED, STALE  # as stored: durable-nb status shows them
+from ..records import COMPLETED, FAILED, STALE  # as stored: durable-nb status shows them
 
 if TYPE_CHECKING:
-    from .executor import StepEvent
-    from .records import StepRecord
+    from ..engine.executor import StepEvent
+    from ..records import StepRecord
 
 PENDING = "pending"  # in the history, not yet reached in this session
 RUNNING = "running"

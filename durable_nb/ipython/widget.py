@@ -14,9 +14,9 @@ from typing import Any, Callable, cast
 import ipywidgets as widgets
 from traitlets import Dict, List, Unicode, observe
 
-from . import status
-from .errors import DurableError, WorkflowNotNamedError
-from .executor import DurableExecutor, StepEvent
+from ..tools import status
+from ..errors import DurableError, WorkflowNotNamedError
+from ..engine.executor import DurableExecutor, StepEvent
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class StepStatusWidget(widgets.VBox):
     workflow_id = Unicode(
         "", help="The workflow whose steps are shown ('' before one is named).").tag(sync=True)
     rows = List(
-        Dict(), help="One dict per step, in sequence order: see durable_nb.status.StepRow.").tag(sync=True)
+        Dict(), help="One dict per step, in sequence order: see durable_nb.tools.status.StepRow.").tag(sync=True)
     summary = Unicode(
         "", help="'7 steps: 5 replayed (saved 12 min), 1 executed, 1 pending'.").tag(sync=True)
     notice = Unicode(

@@ -1,0 +1,1 @@
+"""The IPython front end: the magics and the status widget."""
