@@ -10,8 +10,16 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# The errors, for `except durable_nb.StoreLockedError:` (errors.py imports nothing heavy).
+_ERRORS = ("DurableError", "DurableWarning", "DuplicateStepError", "MapItemError",
+           "NonDeterminismError", "NotInStepError", "NotebookFailedError", "PayloadCorruptError",
+           "RecoveryError", "RestoreError", "StepInterrupted", "StepNotRecordedError",
+           "StepTimeoutError", "StoreCorruptError", "StoreError", "StoreLockedError",
+           "StoreReadOnlyError", "StoreVersionError", "StrictReplayError", "UnknownStepError",
+           "UnknownWorkflowError", "UntrustedStepError", "WorkflowNotNamedError")
+
 __all__ = ["AmbientState", "Workflow", "__version__", "current_step", "load_ipython_extension",
-           "map", "register_ambient", "unload_ipython_extension"]
+           "map", "register_ambient", "unload_ipython_extension", *_ERRORS]
 
 
 def load_ipython_extension(shell: Any) -> None:
@@ -52,4 +60,8 @@ def __getattr__(name: str) -> Any:
         from .state import ambient
 
         return ambient.AmbientState if name == "AmbientState" else ambient.register
+    if name in _ERRORS:
+        from . import errors
+
+        return getattr(errors, name)
     raise AttributeError(f"module 'durable_nb' has no attribute {name!r}")

@@ -1,12 +1,32 @@
-"""Errors raised by durable_nb: each names the thing and says what to do next."""
+"""Errors raised by durable_nb: each names the thing and says what to do next.
+
+Every error is built from fields (the step, the store's path, ...) and pickles back to an
+equal one, so that it survives the trip from a worker process (durable_nb.map on loky or
+Dask) or a kernel to the process that reports it.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 
 class DurableError(Exception):
     """Base class of every error durable_nb raises on purpose."""
+
+    _arguments: tuple[tuple[Any, ...], dict[str, Any]]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> DurableError:
+        error = super().__new__(cls, *args)
+        # What the constructor was given: Exception's own pickling would call the class with
+        # the message alone, which no error here accepts.
+        error._arguments = (args, kwargs)
+        return error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        args, kwargs = self._arguments
+        rebuild = functools.partial(type(self), **kwargs) if kwargs else type(self)
+        return rebuild, args, self.__dict__
 
     @property
     def _render_traceback_(self) -> Callable[[], list[str]]:
@@ -229,8 +249,8 @@ class StepInterrupted(KeyboardInterrupt):
                        "recorded): it executes when next run.")
         super().__init__(f"Step {step_name!r} was interrupted; {outcome}")
 
-    def __reduce__(self) -> tuple[type, tuple[str, bool | None]]:
-        return type(self), (self.step_name, self.recorded)
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.step_name, self.recorded), self.__dict__
 
     def _render_traceback_(self) -> list[str]:
         return _one_line(self)  # as DurableError's: only the message says anything
