@@ -16,15 +16,26 @@ class DurableError(Exception):
 
     _arguments: tuple[tuple[Any, ...], dict[str, Any]]
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> DurableError:
-        error = super().__new__(cls, *args)
-        # What the constructor was given: Exception's own pickling would call the class with
-        # the message alone, which no error here accepts.
-        error._arguments = (args, kwargs)
-        return error
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Each error keeps what its constructor was given (the outermost __init__'s arguments):
+        # Exception's own pickling would call the class with the message alone, which no
+        # error here accepts. (Not __new__: an OSError subclass such as StepTimeoutError would
+        # then read its arguments as an errno and a strerror.)
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def keeping_arguments(self: DurableError, *args: Any, **kwargs: Any) -> None:
+            if "_arguments" not in self.__dict__:
+                self._arguments = (args, kwargs)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = keeping_arguments  # type: ignore[method-assign,assignment]
 
     def __reduce__(self) -> tuple[Any, ...]:
-        args, kwargs = self._arguments
+        args, kwargs = self.__dict__.get("_arguments", (self.args, {}))
         rebuild = functools.partial(type(self), **kwargs) if kwargs else type(self)
         return rebuild, args, self.__dict__
 

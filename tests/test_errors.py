@@ -67,6 +67,16 @@ def test_an_error_pickles_back_to_an_equal_one(cls: type[BaseException]) -> None
             assert getattr(copy, name) == value, name
 
 
+@pytest.mark.parametrize("cls", ERROR_CLASSES, ids=lambda cls: cls.__name__)
+def test_an_errors_message_names_what_it_was_given(cls: type[BaseException]) -> None:
+    # StepTimeoutError is also an OSError: its message must not turn into "[Errno train] 1.5".
+    args, kwargs = CASES[cls.__name__]
+    message = str(cls(*args, **kwargs))
+    names = [arg for arg in args if isinstance(arg, str) and len(arg) < 20]
+    assert not message.startswith("[Errno")
+    assert not names or any(name in message for name in names), message
+
+
 def test_a_durable_error_with_keyword_arguments_keeps_them_across_pickling() -> None:
     error = errors.StepNotRecordedError("train", RuntimeError("disk full"), pending=True)
     copy = pickle.loads(pickle.dumps(error))
