@@ -90,3 +90,9 @@ def counter(tmp_path: Path) -> Path:
     path = tmp_path / "runs.txt"
     path.touch()
     return path
+
+
+def run_notebook(session: NotebookSession, cells: list[str]) -> None:
+    """Run `cells` in order, each of which must succeed."""
+    for cell in cells:
+        session.ok(cell)

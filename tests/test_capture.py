@@ -12,6 +12,7 @@ import copy
 import re
 import sys
 import tracemalloc
+from pathlib import Path
 from typing import Any, Iterator
 from unittest import mock
 
@@ -239,6 +240,21 @@ RECORDER_CASES = [
      [shown("D"), out("b\n")]),
     ("a result comes after the streams", [("stdout", "a\n"), ("result", "42")],
      [out("a\n"), result("42")]),
+    ("a stream after a result is a new output",
+     [("stdout", "a\n"), ("result", "42"), ("stdout", "b\n")],
+     [out("a\n"), result("42"), out("b\n")]),
+    ("stdout goes before stderr in each run of streams",
+     [("stderr", "e1\n"), ("stdout", "o1\n"), ("display", "D"), ("stderr", "e2\n"),
+      ("stdout", "o2\n")],
+     [out("o1\n"), err("e1\n"), shown("D"), out("o2\n"), err("e2\n")]),
+    ("an update of an id never shown records nothing", [("update", "bar 100%")], []),
+    ("an update changes every display with its id",
+     [("display", "bar 0%"), ("display", "bar 50%"), ("update", "bar 100%")],
+     [shown("bar 100%"), shown("bar 100%")]),
+    ("an empty write does not set off a pending clear",
+     [("stdout", "a\n"), ("clear", True), ("stdout", "")], [out("a\n")]),
+    ("clear with wait then a result", [("stdout", "a\n"), ("clear", True), ("result", "42")],
+     [result("42")]),
 ]
 
 
@@ -278,6 +294,60 @@ def test_recording_the_streams_and_publisher_gives_the_same_outputs(
             elif kind == "result":
                 recorder.result({"text/plain": value}, {})
     assert [item.output for item in recorder.outputs] == expected
+
+
+# One stream's writes, split as a program may split them: what nbclient stores for them.
+STREAM_CASES = [
+    ("a shorter overwrite drops the whole line, unlike a terminal", ["long text\rab\n"], "ab\n"),
+    ("two carriage returns in a row", ["a\r\rb"], "b"),
+    ("a lone carriage return stays", ["\r"], "\r"),
+    ("a carriage return and newline split across writes stay", ["a\r", "\nb"], "a\r\nb"),
+    ("a carriage return at the start of a write after a line", ["a\n", "\rb\n"], "a\nb\n"),
+    ("a line written in pieces collapses whole",
+     ["pro", "gress 1", "0%\r", "pro", "gress 100%", "\n"], "progress 100%\n"),
+    ("backspaces split across writes are kept", ["abc\b", "\bX\n"], "abc\b\bX\n"),
+    ("non-ASCII text collapses by character", ["é 10%\r", "é 100%\n"], "é 100%\n"),
+    ("blank progress states collapse", ["x\r", "\n", "\r", "\n"], "x\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("settle_writes", [1, 2, capture.SETTLE_WRITES])
+@pytest.mark.parametrize("name", ["stdout", "stderr"])
+@pytest.mark.parametrize("writes, expected", [case[1:] for case in STREAM_CASES],
+                         ids=[case[0] for case in STREAM_CASES])
+def test_recorded_stream_text_is_what_nbclient_stores(writes: list[str], expected: str,
+                                                      name: str, settle_writes: int) -> None:
+    with mock.patch.object(capture, "SETTLE_WRITES", settle_writes):
+        recorded = record(*[(name, text) for text in writes])
+    assert recorded == [out(expected, name)]
+    assert nbclient_coalesced([out(text, name) for text in writes]) == recorded
+
+
+@pytest.mark.parametrize("data, metadata, stored_data, stored_metadata", [
+    ({"text/plain": "t"}, None, {"text/plain": "t"}, {}),
+    ({"image/png": b"\x89PNG"}, {}, {"image/png": "iVBORw=="}, {}),
+    ({"image/png": bytearray(b"PNG"), "text/plain": "<Figure>"}, {"image/png": {"width": 2}},
+     {"image/png": "UE5H", "text/plain": "<Figure>"}, {"image/png": {"width": 2}}),
+    ({"application/json": {"a": [1]}}, {"size": (3, 4), "dpi": 72.5},
+     {"application/json": {"a": [1]}}, {"size": [3, 4], "dpi": 72.5}),
+    ({"text/plain": "t"}, {"when": Path("/tmp/x")}, {"text/plain": "t"}, {"when": "/tmp/x"}),
+], ids=["text as is", "bytes as base64", "a bytearray as base64, text as is",
+        "tuples in metadata as lists", "what JSON cannot hold as its str"])
+def test_a_display_is_stored_as_nbformat_holds_it(
+        data: dict[str, Any], metadata: dict[str, Any] | None, stored_data: dict[str, Any],
+        stored_metadata: dict[str, Any]) -> None:
+    recorder = OutputRecorder()
+    recorder.display(data, metadata, None, False)
+    [output] = [item.output for item in recorder.outputs]
+    assert (output["data"], output["metadata"]) == (stored_data, stored_metadata)
+    nbformat.validate(new_notebook(cells=[new_code_cell(outputs=[nbformat.from_dict(output)])]))
+
+
+def test_writelines_is_recorded_as_one_output(capsys: pytest.CaptureFixture[str]) -> None:
+    with recording(None) as recorder:
+        sys.stdout.writelines(["a\n", "b\rB\n"])
+    assert capsys.readouterr().out == "a\nb\rB\n"
+    assert [item.output for item in recorder.outputs] == [out("a\nB\n")]
 
 
 def test_recorder_outputs_when_settled_every_write() -> None:
