@@ -64,9 +64,6 @@ READ_CASES = [
 ]
 
 # Magics and `!` lines, as IPython hands them to the executor (`transform_cell`).
-MISSED_EXPANSION = pytest.mark.xfail(strict=True, reason=(
-    "IPython expands $name and {name} in `!` lines and line magics' arguments from the "
-    "namespace; read_names does not see those reads"))
 MAGIC_CASES = [
     pytest.param("%time total = sum(data)", {"get_ipython", "sum", "data"},
                  id="a line magic's code is read"),
@@ -77,17 +74,30 @@ MAGIC_CASES = [
                  id="a magic's code reading a name bound first reads nothing more"),
     pytest.param("%pip install numpy==2.0", {"get_ipython"},
                  id="a magic whose line is not Python reads nothing"),
-    pytest.param("!ls $folder", {"get_ipython", "folder"}, marks=MISSED_EXPANSION,
+    pytest.param("!ls $folder", {"get_ipython", "folder"},
                  id="a shell command's $variable is read"),
-    pytest.param("files = !ls {folder}", {"get_ipython", "folder"}, marks=MISSED_EXPANSION,
+    pytest.param("files = !ls {folder}", {"get_ipython", "folder"},
                  id="a captured shell command's {variable} is read"),
-    pytest.param("%cd $folder", {"get_ipython", "folder"}, marks=MISSED_EXPANSION,
+    pytest.param("%cd $folder", {"get_ipython", "folder"},
                  id="a line magic's $variable is read"),
+    pytest.param("!echo $config.path {len(rows)}", {"get_ipython", "config", "len", "rows"},
+                 id="a shell command's $attribute and {expression} are read"),
+    pytest.param("!echo $$HOME {{literal}}", {"get_ipython"},
+                 id="escaped $$ and {{ }} read nothing"),
+    pytest.param('%%bash -s "$folder"\necho $1', {"get_ipython", "folder"},
+                 id="a cell magic's line is expanded, its non-Python body is not read"),
 ]
 
 # Python resolves names in a method or a comprehension of a class body globally, skipping
 # the class's own names.
 CLASS_SCOPE_CASES = [
+    ("a class body reads its own names directly", "class C:\n    n = 1\n    m = n", set()),
+    ("a method's default sees the class body's names",
+     "class C:\n    n = 1\n    def f(self, a=n):\n        return a", set()),
+    ("a comprehension's first iterable sees the class body's names",
+     "class C:\n    xs = [1]\n    ys = [x for x in xs]", set()),
+    ("a nested class's body does not see the outer class's names",
+     "class A:\n    n = 1\n    class B:\n        m = n", {"n"}),
     ("a class body name read by its method is the global",
      "class C:\n    n = 1\n    def m(self):\n        return n", {"n"}),
     ("a class body name read by its comprehension is the global",
@@ -106,8 +116,6 @@ def test_names_a_cell_with_magics_reads(source: str, expected: set[str]) -> None
     assert read_names(TransformerManager().transform_cell(source)) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="read_names takes a class body's names as bound in "
-                   "its methods and comprehensions, so the global read is missed")
 @pytest.mark.parametrize("source, expected", [case[1:] for case in CLASS_SCOPE_CASES],
                          ids=[case[0] for case in CLASS_SCOPE_CASES])
 def test_names_a_class_body_reads_from_inner_scopes(source: str, expected: set[str]) -> None:

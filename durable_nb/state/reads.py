@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
+import string
 import types
 from typing import Any, Callable, Iterator, Mapping
 
 _MAGIC_CALLS = {"run_line_magic": 1, "run_cell_magic": 2}  # which argument holds code
+# Calls whose text IPython expands from the namespace first (`!ls $folder`, `%cd {path}`,
+# a cell magic's line): which argument holds that text.
+_EXPANDED_CALLS = {"system": 0, "getoutput": 0, "run_line_magic": 1, "run_cell_magic": 1}
+_DOLLAR = re.compile(r"\$(\$?[\w.]+)")  # IPython's var_expand: $name, $obj.attr; $$ escapes
 
 
 def read_names(source: str) -> set[str]:
@@ -63,41 +69,54 @@ def _stored(targets: Any) -> set[str]:
             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
 
 
-def _reads_all(nodes: Any, local: frozenset[str]) -> set[str]:
+def _reads_all(nodes: Any, local: frozenset[str],
+               class_names: frozenset[str] = frozenset()) -> set[str]:
     found: set[str] = set()
     for node in nodes:
         if node is not None:
-            found |= _reads(node, local)
+            found |= _reads(node, local, class_names)
     return found
 
 
-def _reads(node: ast.AST, local: frozenset[str]) -> set[str]:
-    """Names `node` reads from the global scope, `local` being bound around it."""
+def _reads(node: ast.AST, local: frozenset[str],
+           class_names: frozenset[str] = frozenset()) -> set[str]:
+    """Names `node` reads from the global scope, `local` being bound around it.
+
+    `class_names` are the names of an enclosing class body (part of `local`): Python does
+    not let the scopes nested in a class body (its methods, comprehensions, nested classes)
+    see them, so there a read of such a name is a read of the global.
+    """
     if isinstance(node, ast.Name):
         return {node.id} if isinstance(node.ctx, ast.Load) and node.id not in local else set()
     if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
         extra = set() if node.target.id in local else {node.target.id}
-        return extra | _reads(node.value, local)
+        return extra | _reads(node.value, local, class_names)
+    nested = local - class_names  # what a scope nested here sees
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-        return _function_reads(node, local)
+        return _function_reads(node, local, nested)
     if isinstance(node, ast.ClassDef):
-        outer = _reads_all([*node.decorator_list, *node.bases, *node.keywords], local)
-        return outer | _reads_all(node.body, local | _stored_in_scope(node.body))
+        outer = _reads_all([*node.decorator_list, *node.bases, *node.keywords], local,
+                           class_names)
+        own = _stored_in_scope(node.body)
+        return outer | _reads_all(node.body, nested | own, frozenset(own - nested))
     if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
-        inner = local | _stored(generator.target for generator in node.generators)
-        found = _reads(node.generators[0].iter, local)
-        for generator in node.generators:
-            found |= _reads_all([generator.iter, *generator.ifs], inner)
+        inner = nested | _stored(generator.target for generator in node.generators)
+        found = _reads(node.generators[0].iter, local, class_names)
+        for index, generator in enumerate(node.generators):
+            found |= _reads_all([generator.iter] if index else [], inner)
+            found |= _reads_all(generator.ifs, inner)
         parts = [node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt]
         return found | _reads_all(parts, inner)
-    found = _reads_all(ast.iter_child_nodes(node), local)
+    found = _reads_all(ast.iter_child_nodes(node), local, class_names)
     if isinstance(node, ast.Call):
         found |= _magic_reads(node, local)
     return found
 
 
 def _function_reads(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda,
-                    local: frozenset[str]) -> set[str]:
+                    local: frozenset[str], nested: frozenset[str]) -> set[str]:
+    """What a function reads: its defaults, annotations and decorators where it is defined
+    (`local`), its body in its own scope, which sees `nested` around it."""
     arguments = node.args
     # Evaluated where the function is defined: defaults, annotations, decorators.
     outer = [*arguments.defaults, *arguments.kw_defaults]
@@ -111,7 +130,7 @@ def _function_reads(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda,
     body = [node.body] if isinstance(node, ast.Lambda) else node.body
     declared_global = {name for statement in body for inner in ast.walk(statement)
                        if isinstance(inner, ast.Global) for name in inner.names}
-    inner_local = local | names | (_stored_in_scope(body) - declared_global)
+    inner_local = nested | names | (_stored_in_scope(body) - declared_global)
     return found | _reads_all(body, frozenset(inner_local))
 
 
@@ -130,18 +149,47 @@ def _stored_in_scope(body: list[Any]) -> set[str]:
 
 
 def _magic_reads(call: ast.Call, local: frozenset[str]) -> set[str]:
-    """`get_ipython().run_line_magic('time', 'total = sum(data)')` reads `data`."""
-    if not (isinstance(call.func, ast.Attribute) and call.func.attr in _MAGIC_CALLS):
+    """`get_ipython().run_line_magic('time', 'total = sum(data)')` reads `data`;
+    `get_ipython().system('ls $folder')` reads `folder`."""
+    if not isinstance(call.func, ast.Attribute):
         return set()
-    position = _MAGIC_CALLS[call.func.attr]
-    argument = call.args[position] if len(call.args) > position else None
-    if not isinstance(argument, ast.Constant) or not isinstance(argument.value, str):
-        return set()
+    found: set[str] = set()
+    expanded = _string_argument(call, _EXPANDED_CALLS.get(call.func.attr))
+    if expanded is not None:
+        found |= _expanded_reads(expanded)
+    code = _string_argument(call, _MAGIC_CALLS.get(call.func.attr))
+    if code is not None:
+        try:
+            found |= read_names(ast.unparse(ast.parse(code)))
+        except SyntaxError:  # not Python (`%matplotlib inline`): no code to read
+            pass
+    return found - local
+
+
+def _string_argument(call: ast.Call, position: int | None) -> str | None:
+    argument = call.args[position] if position is not None and len(call.args) > position else None
+    if isinstance(argument, ast.Constant) and isinstance(argument.value, str):
+        return argument.value
+    return None
+
+
+def _expanded_reads(text: str) -> set[str]:
+    """The names IPython's var_expand reads to fill in `$name`, `$obj.attr` and
+    `{expression}` (unless a magic declines expansion: reading too much is safe)."""
+    expressions = [match.group(1) for match in _DOLLAR.finditer(text)
+                   if not match.group(1).startswith("$")]
     try:
-        tree = ast.parse(argument.value)
-    except SyntaxError:  # not Python (`%matplotlib inline`): nothing to read
-        return set()
-    return read_names(ast.unparse(tree)) - local
+        expressions += [field for _, field, _, _ in string.Formatter().parse(text) if field]
+    except ValueError:  # unbalanced braces: IPython leaves such text as it is
+        pass
+    names: set[str] = set()
+    for expression in expressions:
+        try:
+            tree = ast.parse(expression.strip(), mode="eval")
+        except SyntaxError:
+            continue
+        names |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    return names
 
 
 def notebook_functions(value: Any) -> Iterator[types.FunctionType]:
