@@ -47,7 +47,7 @@ def run(workdir: str, megabytes: int, repeat: int) -> int:
     from IPython.core.interactiveshell import InteractiveShell
     from traitlets.config import Config
 
-    from durable_nb.engine import executor
+    from durable_nb.engine.inputs import Inputs
 
     from durable_nb.state import fingerprint
 
@@ -59,7 +59,7 @@ def run(workdir: str, megabytes: int, repeat: int) -> int:
     use = "%%durable_step use\nn = arr.shape[0]"
 
     fingerprint_seconds: list[float] = []
-    original = executor.DurableExecutor._input_digests
+    original = Inputs.digests
 
     def timed(self, transformed):  # type: ignore[no-untyped-def]
         started = time.perf_counter()
@@ -68,7 +68,7 @@ def run(workdir: str, megabytes: int, repeat: int) -> int:
         finally:
             fingerprint_seconds.append(time.perf_counter() - started)
 
-    executor.DurableExecutor._input_digests = timed  # type: ignore[method-assign]
+    Inputs.digests = timed  # type: ignore[method-assign]
 
     def start() -> None:
         shell.reset(new_session=True)

@@ -128,9 +128,9 @@ def main() -> int:
     for memory in (plain, executed, replayed, fixed):
         if memory.top_lines:
             print(f"\ntracemalloc, {memory.label}: the lines holding the most memory at the end")
-            (_, (now, peak)), *lines = memory.top_lines
+            (_, (now, peak)), *top = memory.top_lines
             print(f"  Python allocations traced: {now / MB:.0f} MB at the end, {peak / MB:.0f} MB at the peak")
-            for line, size in lines:
+            for line, size in top:
                 print(f"  {size / MB:8.1f} MB  {line}")
     same_output = executed.output_characters == replayed.output_characters == plain.output_characters
 

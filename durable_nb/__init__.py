@@ -23,12 +23,10 @@ __all__ = ["AmbientState", "Workflow", "__version__", "current_step", "load_ipyt
 
 
 def load_ipython_extension(shell: Any) -> None:
-    from .engine import events
     from .ipython.magics import DurableMagics
 
+    # Its executor sends step events when a headless front end asked (engine/events.py).
     shell.register_magics(DurableMagics)
-    if events.wanted():  # a headless runner listens (durable-nb run)
-        shell.magics_manager.registry["DurableMagics"].executor.add_listener(events.CommEvents())
 
 
 def unload_ipython_extension(shell: Any) -> None:

@@ -1,6 +1,6 @@
 """The data contract: what a step's record holds, with no backend in sight.
 
-The store (store.py, DuckDB), the decision (decision.py), the status views and the CLI all
+The store (store/, DuckDB), the decision (decision.py), the status views and the CLI all
 speak these types; importing them loads nothing heavy, so the pure parts of durable_nb (the
 decision function, the runner outside the kernel) stay light.
 """

@@ -24,9 +24,10 @@ from nbformat import NotebookNode
 __all__ = ["CellResult", "DeadKernelError", "Kernel"]
 
 KERNEL_NAME = "python3"
-# Variables of the developer's own shell that would change which workflow or store a kernel uses.
+# Variables of the developer's own shell that would change which workflow or store a kernel
+# uses, or kill it at a crash point.
 _INHERITED_SETTINGS = ("DURABLE_NB_WORKFLOW", "DURABLE_NB_DB", "DURABLE_NB_LOCK_TIMEOUT",
-                       "JPY_SESSION_NAME")
+                       "DURABLE_NB_CRASH_AT", "JPY_SESSION_NAME")
 _OUTPUT_MESSAGES = ("stream", "display_data", "execute_result", "error")
 
 

@@ -230,26 +230,3 @@ def test_small_value_changed_outside_any_cell_is_seen(session: NotebookSession, 
     session.ok(cell)
     assert runs(counter) == ["fit", "fit"] and session.ns["score"] == 50
 
-
-def test_a_large_step_result_is_not_hashed_again_to_fingerprint_its_readers(
-        session: NotebookSession, counter: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from durable_nb.engine import executor
-
-    hashed: list[int] = []
-    original = executor.sized_digest
-
-    def counting(value: object) -> tuple[str, int]:
-        hashed.append(id(value))
-        return original(value)
-
-    monkeypatch.setattr(executor, "sized_digest", counting)
-    cells = [step(counter, "make", "import numpy as np\narr = np.ones(200_000)"),
-             step(counter, "use", "total = float(arr.sum())")]
-    run_notebook(session, cells)
-    assert id(session.ns["arr"]) not in hashed  # known from when `make` recorded it
-    session.restart()
-    hashed.clear()
-    run_notebook(session, cells)
-    assert id(session.ns["arr"]) not in hashed  # known from the record `make` replayed
-    assert runs(counter) == ["make", "use"] and session.ns["total"] == 200_000.0
-

@@ -155,6 +155,24 @@ def test_run_prints_plain_lines_when_not_on_a_terminal(tmp_path: Path) -> None:
         [["[1/2]", "first", "executed"], ["[2/2]", "second", "executed"]]
 
 
+def test_progress_counts_steps_from_one_again_when_events_of_a_new_attempt_come() -> None:
+    # The counter follows the attempt each event carries, whatever the notices between say.
+    from io import StringIO
+
+    from durable_nb.tools.progress import RunProgress
+    from durable_nb.tools.runner import StepOutcome
+
+    stream = StringIO()
+    progress = RunProgress(stream, 2, live=False)
+    progress("", StepOutcome(1, 1, "fetch", "executed", 1.0))
+    progress("the kernel was restarted", None)
+    progress("", StepOutcome(2, 1, "fetch", "replayed", 0.1, saved_seconds=0.9))
+    progress("", StepOutcome(2, 2, "sort", "executed", 1.0))
+    assert [line.split()[:3] for line in stream.getvalue().splitlines()] == [
+        ["[1/2]", "fetch", "executed"], ["the", "kernel", "was"],
+        ["[1/2]", "fetch", "replayed"], ["[2/2]", "sort", "executed"]]
+
+
 def recorded_store(folder: Path) -> Path:
     """A store with two workflows: 'nightly' (load, report; report failed) and 'weekly'."""
     path = folder / "store.duckdb"

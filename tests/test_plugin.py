@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from durable_nb.engine.events import StepReport
 from durable_nb.pytest_plugin.digest import describe_variables, value_digest
 from durable_nb.pytest_plugin.markers import CellOptions, cell_options
-from durable_nb.pytest_plugin.runs import without_store_option
+from durable_nb.pytest_plugin.runs import StepChange, executions, without_store_option
 
 pytest_plugins = ["pytester"]
 
@@ -31,6 +32,15 @@ FAILURES = {
     "test-executed-step-fail": [
         "Cell 2 (%%durable_step load-{run_tag}): step 'load-",
         "executed on the replay run instead of replaying: a completed record was there to replay.",
+    ],
+    # The step executes again on the replay run (its input changed) and fails. A failure
+    # never displaces a completed record, so the store looks as it did before the cell: only
+    # the kernel's report tells that the step executed. Its cell's outputs and variables
+    # are left out of the comparison (NBVAL_IGNORE_OUTPUT), so nothing else fails the check.
+    "test-failed-execution-fail": [
+        "Cell 2 (%%durable_step check): step 'check' (#1) executed on the replay run instead of "
+        "replaying: a completed record was there to replay. The store gives the reason: input "
+        "'kernel_pid' changed",
     ],
     "test-hidden-side-effect-fail": [
         "Cell 2 (from decimal import Decimal): outputs differ between the executed run and the "
@@ -134,6 +144,44 @@ def test_notebooks_are_not_collected_without_the_option(pytester: pytest.Pyteste
     shutil.copy(SAMPLES / "test-replay-pass.ipynb", pytester.path)
     result = pytester.runpytest("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+
+
+def test_a_kernel_that_reports_nothing_about_its_steps_stops_the_check(
+        pytester: pytest.Pytester) -> None:
+    # Without the kernel's reports every step would look replayed, and the check would pass.
+    nbformat.write(nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("import os\nos.environ.pop('DURABLE_NB_EVENTS')\n"
+                                  "%load_ext durable_nb"),
+        nbformat.v4.new_code_cell("%%durable_step load\nrows = [1, 2, 3]"),
+    ]), pytester.path / "test-silent.ipynb")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--durable-replay", "test-silent.ipynb")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "Cell 1 (%%durable_step load): the executed run stopped here: the kernel reported "
+        "nothing about step 'load', so its durable_nb sends no step events: install this "
+        "durable_nb in the kernel's environment."])
+
+
+def test_a_step_run_several_times_in_one_cell_is_one_execution_as_the_kernel_reported_it() -> None:
+    # A Python API loop in one cell (as in notebooks/limits.ipynb): `convert` executes as a
+    # new step, replays, then executes again over its completed record; `add-up` executes
+    # because it is stale, then fails. The execution that found a completed record is the
+    # one the checks ask about; the variables are those of the last completed execution.
+    def report(name: str, position: int, status: str, previous: str | None, reason: str,
+               variables: tuple[str, ...] = ()) -> StepReport:
+        return StepReport("pricing", position, name, status, reason, previous_status=previous,
+                          variables=variables)
+    reports = [report("convert", 1, "running", None, "new step"),
+               report("convert", 1, "executed", None, "new step", ("prices",)),
+               report("add-up", 2, "executed", None, "new step", ("total",)),
+               report("convert", 1, "replayed", "completed", "same code", ("prices",)),
+               report("convert", 1, "executed", "completed", "input 'rate' changed", ("prices",)),
+               report("add-up", 2, "failed", "stale", "stale: an earlier step executed again")]
+    assert executions(reports) == [
+        StepChange("convert", 1, "executed", "input 'rate' changed", "completed", ("prices",)),
+        StepChange("add-up", 2, "failed", "stale: an earlier step executed again", "stale",
+                   ("total",))]
+    assert executions([report("convert", 1, "replayed", "completed", "same code")]) == []
 
 
 def test_comment_markers_win_over_tags_as_in_nbval() -> None:

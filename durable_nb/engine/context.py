@@ -1,17 +1,18 @@
-"""What a running step knows about itself, and the limits it runs under (timeout, retries)."""
+"""What a running step knows about itself, the limits it runs under (timeout, held interrupts),
+and the warnings it gives."""
 
 from __future__ import annotations
 
 import contextvars
 import hashlib
-import random
 import signal
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from ..errors import DurableError, NotInStepError, StepTimeoutError
+from ..errors import DurableError, DurableWarning, NotInStepError, StepTimeoutError
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,12 @@ def running(context: StepContext) -> Iterator[None]:
         _current.reset(token)
 
 
-def backoff_delay(attempt: int, backoff: float, max_backoff: float) -> float:
-    """Exponential backoff with 'equal jitter': half the delay fixed, half random."""
-    delay: float = min(backoff * 2 ** (attempt - 1), max_backoff)
-    return delay / 2 + random.uniform(0, delay / 2)
+def warn_about_step(step_name: str, message: str) -> None:
+    """A DurableWarning about a step (a value it could not store, a replay that failed)."""
+    # Attributed to the step rather than to a line of durable_nb's own code: the text is
+    # the same on every machine, and nothing of the package's source is echoed.
+    warnings.warn_explicit(message, DurableWarning, filename=f"%%durable_step {step_name}",
+                           lineno=1, module="durable_nb")
 
 
 @contextmanager

@@ -1,10 +1,10 @@
 """Run a notebook in a fresh kernel on a private store, and note what each cell did.
 
-After every code cell the store is read (the kernel holds no connection while idle): a
-step record that is new or changed since the cell started means the step *executed* in
-that cell; a replayed step leaves its record as it was. Then the variables each step
-recorded are described inside the kernel (see digest.py) through a silent request, so
-nothing is added to the notebook's namespace or history.
+The kernel reports what each step did as it goes (engine/events.py, heard through
+tools/kernels.py): which steps *executed* in a cell, what the history held at their
+position before, and the variables they recorded. After every code cell those variables
+are described inside the kernel (see digest.py) through a silent request, so nothing is
+added to the notebook's namespace or history.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ import ast
 import dataclasses
 import json
 import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from IPython.core.error import UsageError
 
+from ..engine.events import StepReport
 from ..magic_lines import WORKFLOW_MAGIC, WorkflowLine, step_line_of, workflow_lines_of
-from ..records import COMPLETED, StepRecord
-from ..store.steps import StepStore
+from ..records import COMPLETED
+from ..tools.kernels import NotebookKernel
 from .markers import cell_options
 
 # Settings of the developer's shell that would point the kernels at another store.
@@ -33,11 +33,11 @@ _DESCRIBE = ("__import__('durable_nb.pytest_plugin.digest', fromlist=['describe_
 
 @dataclass(frozen=True)
 class StepChange:
-    """A step that executed in a cell: its record is new or was written over."""
+    """A step that executed in a cell, as the kernel reported it."""
 
     step_name: str
     sequence_number: int
-    status: str
+    status: str  # executed | failed: how its last execution in the cell ended
     reason: str
     previous_status: str | None  # the status of the record it replaced, None if there was none
     variable_names: tuple[str, ...]
@@ -115,42 +115,26 @@ def _workflow_line(line: str) -> WorkflowLine | None:
     return found[0] if found else None
 
 
-class StoreWatcher:
-    """Reads the private store between cells and tells which steps executed since last time."""
+def executions(reports: Sequence[StepReport]) -> list[StepChange]:
+    """The steps that executed, one StepChange per step, from a cell's reports.
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._store = StepStore(path)
-        self._records = self._read()
-
-    def _read(self) -> dict[tuple[str, int], StepRecord]:
-        if not os.path.exists(self.path):
-            return {}
-        return {(record.workflow_id, record.sequence_number): record
-                for summary in self._store.list_workflows()
-                for record in self._store.live_steps(summary.workflow_id)}
-
-    def changes(self) -> list[StepChange]:
-        """Steps that executed since the last call. A record marked stale in place (because
-        an earlier step executed) is not one of them until it executes too."""
-        current = self._read()
-        changed = [(self._records.get(key), record) for key, record in current.items()
-                   if _written_anew(self._records.get(key), record)]
-        self._records = current
-        return [StepChange(record.step_name, record.sequence_number, record.status, record.reason,
-                           previous.status if previous else None, self._variable_names(record))
-                for previous, record in changed]
-
-    def _variable_names(self, record: StepRecord) -> tuple[str, ...]:
-        if record.status != COMPLETED:
-            return ()
-        _, variables = self._store.read_step(record)
-        return tuple(variable.name for variable in variables if variable.holds_a_variable)
-
-
-def _written_anew(previous: StepRecord | None, record: StepRecord) -> bool:
-    return previous is None or (previous.revision, previous.started_at) != (record.revision,
-                                                                            record.started_at)
+    A cell that runs a step more than once (the Python API in a loop) gives the execution
+    that found a completed record to replay if there was one, since that is what the checks
+    ask about, and the variables of its last completed execution (what the store holds).
+    """
+    by_step: dict[tuple[str, int], list[StepReport]] = {}
+    for report in reports:
+        if report.status in ("executed", "failed"):
+            by_step.setdefault((report.workflow_id, report.sequence_number), []).append(report)
+    changes = []
+    for runs in by_step.values():
+        last = runs[-1]
+        telling = next((run for run in runs if run.previous_status == COMPLETED), last)
+        variables = next((run.variables for run in reversed(runs) if run.status == "executed"),
+                         ())
+        changes.append(StepChange(last.step_name, last.sequence_number, last.status,
+                                  telling.reason, telling.previous_status, variables))
+    return changes
 
 
 class NotebookSession:
@@ -159,7 +143,6 @@ class NotebookSession:
     def __init__(self, notebook: Any, store_path: str, settings: KernelSettings,
                  label: str) -> None:
         import nbformat
-        from nbclient import NotebookClient
 
         self.notebook = nbformat.from_dict(notebook)
         for cell in self.notebook.cells:
@@ -167,9 +150,10 @@ class NotebookSession:
                 cell.source = without_store_option(cell.source)
         self.settings = settings
         self.result = NotebookRun(label, store_path)
-        self.client = NotebookClient(
-            self.notebook, kernel_name=settings.kernel_name, timeout=int(settings.cell_timeout),
-            allow_errors=True, resources={"metadata": {"path": str(settings.working_directory)}})
+        self.kernel = NotebookKernel(
+            self.notebook, kernel_name=settings.kernel_name,
+            working_directory=settings.working_directory, environment=self.environment(),
+            timeout=int(settings.cell_timeout), allow_errors=True)
 
     def environment(self) -> dict[str, str]:
         environment = {name: value for name, value in os.environ.items()
@@ -189,30 +173,27 @@ class NotebookSession:
         """
         from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
-        watcher = StoreWatcher(self.result.store_path)
-        self.client.km = self.client.create_kernel_manager()
-        if self.client.km.has_trait("transport_encryption"):
-            self.client.km.transport_encryption = "auto"  # ipykernel 7 warns on plain TCP
-        with self.client.setup_kernel(env=self.environment()):
+        with self.kernel.started():
             for index, cell in enumerate(self.notebook.cells):
                 if cell.cell_type != "code" or cell_options(cell.source, cell.metadata).skip:
                     continue
                 try:
-                    self.client.execute_cell(cell, index)
+                    self.kernel.execute_cell(cell, index)
                 except DeadKernelError:
                     return self._stop(index, "the kernel died")
                 except CellTimeoutError:
                     return self._stop(index, f"it ran longer than {self.settings.cell_timeout:g} s")
-                steps = watcher.changes()
+                reports = self.kernel.take_reports()
+                steps = executions(reports)
                 names = {name for step in steps for name in step.variable_names}
                 names.update((watch_variables or {}).get(index, ()))
                 self.result.cells[index] = CellRun(index, [dict(o) for o in cell.outputs], steps,
                                                    self._describe(sorted(names)))
-                error = next((o for o in cell.outputs if o.output_type == "error"), None)
-                if error is not None and not cell_options(cell.source, cell.metadata).raises:
-                    return self._stop(index, f"it raised {error.ename}: {error.evalue}")
+                reason = _stop_reason(cell, reports)
+                if reason is not None:
+                    return self._stop(index, reason)
                 if index == kill_after_cell:
-                    self._kill()
+                    self.kernel.kill()
                     self.result.killed_after = index
                     return self.result
         return self.result
@@ -224,12 +205,7 @@ class NotebookSession:
     def _describe(self, names: list[str]) -> dict[str, dict[str, Any]]:
         if not names:
             return {}
-        assert self.client.kc is not None, "called while the kernel runs"
-        message_id = self.client.kc.execute(
-            "", silent=True, store_history=False,
-            user_expressions={"variables": _DESCRIBE.format(names=names)})
-        reply = self.client.wait_for_reply(message_id)
-        found = reply["content"]["user_expressions"]["variables"] if reply else {}
+        found = self.kernel.evaluate(_DESCRIBE.format(names=names))
         if found.get("status") != "ok":
             problem = f"{found.get('ename', 'no reply')}: {found.get('evalue', '')}"
             return {name: {"type": "?", "summary": f"<could not describe: {problem}>",
@@ -238,8 +214,18 @@ class NotebookSession:
             ast.literal_eval(found["data"]["text/plain"]))
         return described
 
-    def _kill(self) -> None:
-        """SIGKILL the kernel process, as the OOM killer would."""
-        process = self.client.km.provisioner.process  # type: ignore[union-attr]
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+
+def _stop_reason(cell: Any, reports: Sequence[StepReport]) -> str | None:
+    """Why the run ends after this cell, if it does: the cell raised and is not marked to,
+    or it ran a step while the kernel reported nothing (a kernel whose durable_nb sends no
+    reports would pass every check)."""
+    error = next((output for output in cell.outputs if output.output_type == "error"), None)
+    if error is not None:
+        return None if cell_options(cell.source, cell.metadata).raises \
+            else f"it raised {error.ename}: {error.evalue}"
+    name = step_name(cell.source)
+    # Any report will do: the kernel expands `{name}` in the magic line, we do not.
+    if name is not None and not reports:
+        return (f"the kernel reported nothing about step {name!r}, so its durable_nb sends "
+                "no step events: install this durable_nb in the kernel's environment")
+    return None

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import threading
@@ -26,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import duckdb
 
+from ..backoff import backoff_delay
 from ..errors import (StoreCorruptError, StoreError, StoreLockedError, StoreReadOnlyError,
                      StoreVersionError)
 
@@ -101,7 +101,7 @@ _MIGRATIONS: dict[int, list[str] | Callable[[Connection], None]] = {
 
 # Version 3 keeps each step's outputs and state in its `steps` row:
 # - outputs: a JSON array of the step's outputs as nbformat writes them; or, when that is
-#   large, '[]' and outputs_file: the payload file holding it (see store.py);
+#   large, '[]' and outputs_file: the payload file holding it (see store/payloads.py);
 # - output_transients: NULL, or a JSON object {output index: transient part (display_id)};
 # - variables: a JSON array of {"name", "codec", "type", "digest", "size", "chunks"}, each
 #   chunk [size in bytes, payload file's sha256 or null, integrity check or null];
@@ -193,6 +193,16 @@ def integrity_check(data: Any, index: int) -> str:
 def check_integrity(data: Any, check: str | None, index: int) -> bool:
     """Whether a chunk's bytes match the check recorded for them (`integrity_check`)."""
     return check is None or integrity_check(data, index) == check
+
+
+def fsync_directory(directory: str) -> None:
+    """Make a rename into `directory` durable (a crash after it keeps the new name)."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
 
 # Stores whose connection may still linger: a kernel shut down right after its last step
 # (nbclient, `durable-nb run`) exits before the linger timer fires; the WAL must still be
@@ -378,10 +388,48 @@ class Database:
         with self.connect() as connection, atomic(connection):
             yield connection
 
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the file without the space that deleted rows left behind, if that makes
+        it smaller; returns its size in bytes (with its WAL) before and after.
+
+        DuckDB reuses freed blocks but never shrinks its file, not even at CHECKPOINT; a
+        copy into a fresh file does. The copy is made under the store's lock and renamed
+        over the file while this process still holds both files, so no commit by another
+        process can fall in between (a waiting one then opens the new file).
+        """
+        fresh = self.path + ".compacting"
+        _remove_copy(fresh)
+        with self.connect() as connection:
+            sizes = self._compact_txn(connection, fresh)
+        fsync_directory(os.path.dirname(self.path))
+        return sizes
+
+    def _compact_txn(self, connection: Connection, fresh: str) -> tuple[int, int]:
+        (name,) = connection.execute("SELECT current_database()").fetchone() or ("",)
+        quoted_name = '"' + str(name).replace('"', '""') + '"'
+        before = sum(os.path.getsize(path) for path in (self.path, self.path + ".wal")
+                     if os.path.exists(path))
+        connection.execute("ATTACH '" + fresh.replace("'", "''") + "' AS durable_nb_compacted")
+        try:
+            connection.execute(f"COPY FROM DATABASE {quoted_name} TO durable_nb_compacted")
+            connection.execute("CHECKPOINT durable_nb_compacted")
+            after = os.path.getsize(fresh)
+            if after < before:  # a small store lives mostly in its WAL: then leave it be
+                # Merges the WAL and removes it: an old WAL beside the new file would be
+                # replayed into it.
+                connection.execute("CHECKPOINT")
+                os.replace(fresh, self.path)
+                return before, after
+        finally:
+            if os.path.exists(fresh):  # not renamed into place: kept the original
+                connection.execute("DETACH durable_nb_compacted")
+                _remove_copy(fresh)
+        return before, before
+
     def _open_with_retry(self) -> Connection:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         deadline = time.monotonic() + self.lock_timeout
-        delay = 0.005
+        attempt = 0
         started = time.monotonic()
         while True:
             try:
@@ -405,10 +453,11 @@ class Database:
                     match = _LOCK_HOLDER.search(message)
                     holder = match.group(1).strip() if match else "unknown process"
                     raise StoreLockedError(self.path, time.monotonic() - started, holder) from exc
+                attempt += 1
+                # 5 ms doubling to 0.25 s; jitter keeps two waiting kernels out of lockstep.
+                delay = backoff_delay(attempt, 0.005, 0.25, jitter=(0.5, 1.5))
                 log.debug("Store %s is locked, retrying in %.3f s", self.path, delay)
-                # Jitter keeps two waiting kernels from retrying in lockstep.
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 0.25)
+                time.sleep(delay)
             except duckdb.Error as exc:
                 raise StoreCorruptError(self.path, damage_detail(exc)) from exc
 
@@ -472,12 +521,19 @@ class Database:
                 for statement in statements:
                     connection.execute(statement)
             connection.execute(
-                "INSERT OR REPLACE INTO durable_nb_meta VALUES ('schema_version', ?)", [str(version)]
+                "INSERT OR REPLACE INTO durable_nb_meta (key, value) VALUES ('schema_version', ?)",
+                [str(version)]
             )
             connection.commit()
         except BaseException:
             _roll_back(connection)
             raise
+
+
+def _remove_copy(fresh: str) -> None:
+    for path in (fresh, fresh + ".wal"):
+        if os.path.exists(path):
+            os.remove(path)
 
 
 @contextmanager

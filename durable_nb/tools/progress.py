@@ -27,16 +27,18 @@ class RunProgress:
         self._lock = threading.Lock()
         self._running: tuple[str, int, float] | None = None  # step, its number, started
         self._map_items: tuple[int, int] | None = None  # the running step's map: done, total
+        self._attempt = 0  # the attempt the steps counted in _finished_in_attempt belong to
         self._finished_in_attempt = 0
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
 
     def __call__(self, message: str, event: StepOutcome | None) -> None:
         if event is None:
-            if message.startswith("attempt "):
-                self._finished_in_attempt = 0
             self._print(message)
-        elif event.outcome == "running" and event.items is not None:
+            return
+        if event.attempt != self._attempt:  # a fresh kernel runs the notebook from the top
+            self._attempt, self._finished_in_attempt = event.attempt, 0
+        if event.outcome == "running" and event.items is not None:
             self._items(event.step_name, event.items)
         elif event.outcome == "running":
             self._start(event.step_name)

@@ -1,8 +1,9 @@
 """Run a notebook headless, and when its kernel dies, run it again in a fresh kernel.
 
 Completed steps replay on each new attempt, so a notebook that crashes part way
-finishes after a restart without paying again for what it already did. One class owns
-the kernels' life; it reports progress through a callback so the CLI decides how to show it.
+finishes after a restart without paying again for what it already did. One class runs the
+attempts (each kernel is a kernels.NotebookKernel, which hears what the kernel says each step
+did); it reports progress through a callback so the CLI decides how to show it.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from typing import Any, Callable
 
 from IPython.core.error import UsageError
 
-from ..engine import events
+from ..engine.events import StepReport
 from ..errors import DurableError, NotebookFailedError
 from ..engine.executor import DEFAULT_STORE_FILENAME
 from ..magic_lines import WorkflowLine, step_line_of, workflow_lines_of
 from ..records import COMPLETED, utc_now
 from ..store.steps import StepStore
+from .kernels import NotebookKernel
 
 
 @dataclass(frozen=True)
@@ -102,9 +104,7 @@ class NotebookRunner:
         else:
             self.store_path = str(self.working_directory / DEFAULT_STORE_FILENAME)
         self.environment = {**os.environ, "DURABLE_NB_WORKFLOW": workflow or self.path.name,
-                            "DURABLE_NB_DB": self.store_path,
-                            # The kernel tells what each step did (events.py).
-                            events.ENVIRONMENT_VARIABLE: "comm"}
+                            "DURABLE_NB_DB": self.store_path}
         # One handle for the whole run: its cached history makes a replayed step's check free.
         self.store = StepStore(self.store_path)
         self.max_restarts = max_restarts
@@ -119,7 +119,6 @@ class NotebookRunner:
 
     def run(self) -> RunResult:
         import nbformat
-        from nbclient import NotebookClient
         from nbclient.exceptions import CellExecutionError, DeadKernelError
 
         result = RunResult(self.notebook, 0)
@@ -128,16 +127,13 @@ class NotebookRunner:
             notebook = nbformat.from_dict(self.notebook)
             attempt_started = utc_now()
             starts: dict[int, float] = {}
-            # What the kernel reported, by step name: its last event of this attempt.
-            reported: dict[str, dict[str, Any]] = {}
 
-            def kernel_event(message: dict[str, Any]) -> None:
-                reported[message["step_name"]] = message
+            def heard(report: StepReport) -> None:  # as it arrives: a running map's progress
                 running = max(starts) if starts else 0
-                if message["status"] == "running" and message["items"] \
-                        and self.step_names.get(running) == message["step_name"]:
-                    self.on_event("", StepOutcome(attempt, running, message["step_name"], "running",
-                                                  0.0, items=tuple(message["items"])))
+                if report.status == "running" and report.items \
+                        and self.step_names.get(running) == report.step_name:
+                    self.on_event("", StepOutcome(attempt, running, report.step_name, "running",
+                                                  0.0, items=report.items))
             self.on_event(f"attempt {attempt}: running {self.path.name} in a fresh kernel", None)
 
             def cell_start(cell: Any, cell_index: int, **_: Any) -> None:
@@ -147,26 +143,24 @@ class NotebookRunner:
                     self.on_event("", StepOutcome(attempt, cell_index, name, "running", 0.0))
 
             def cell_executed(cell: Any, cell_index: int, execute_reply: Any, **_: Any) -> None:
+                reports = kernel.take_reports()  # what the kernel said during this cell
                 name = self.step_names.get(cell_index)
                 if name is None:
                     return
+                finished = [report for report in reports if report.step_name == name
+                            and report.status in ("executed", "replayed")]
                 event = self._step_event(attempt, cell_index, name, attempt_started,
                                          time.perf_counter() - starts.get(cell_index, time.perf_counter()),
-                                         execute_reply, reported.get(name))
+                                         execute_reply, finished[-1] if finished else None)
                 result.events.append(event)
                 self.on_event("", event)
 
-            client = NotebookClient(
-                notebook, timeout=self.cell_timeout, kernel_name=self.kernel_name,
-                resources={"metadata": {"path": str(self.working_directory)}},
+            kernel = NotebookKernel(
+                notebook, kernel_name=self.kernel_name, working_directory=self.working_directory,
+                environment=self.environment, timeout=self.cell_timeout, on_report=heard,
                 on_cell_start=cell_start, on_cell_executed=cell_executed)
-            client.comm_open_handlers[events.COMM_TARGET] = lambda message: _EventSink(kernel_event)
-            client.km = client.create_kernel_manager()
-            if client.km.has_trait("transport_encryption"):
-                # Encrypted when the kernel supports it (ipykernel 7 warns on plain TCP).
-                client.km.transport_encryption = "auto"
             try:
-                client.execute(env=self.environment)
+                kernel.run_all()
             except DeadKernelError as exc:
                 crashed_at = _running_cell(notebook, starts)
                 self.on_event(f"kernel died in cell {crashed_at}"
@@ -187,13 +181,13 @@ class NotebookRunner:
 
     def _step_event(self, attempt: int, cell_index: int, name: str, attempt_started: Any,
                     seconds: float, execute_reply: Any,
-                    reported: dict[str, Any] | None = None) -> StepOutcome:
+                    reported: StepReport | None = None) -> StepOutcome:
         if execute_reply.get("content", {}).get("status") != "ok":
             return StepOutcome(attempt, cell_index, name, "failed", seconds)
-        if reported is not None and reported["status"] in ("executed", "replayed"):
-            saved = max((reported["executed_seconds"] or 0.0) - seconds, 0.0) \
-                if reported["status"] == "replayed" else 0.0
-            return StepOutcome(attempt, cell_index, name, reported["status"], seconds,
+        if reported is not None:
+            saved = max((reported.executed_seconds or 0.0) - seconds, 0.0) \
+                if reported.status == "replayed" else 0.0
+            return StepOutcome(attempt, cell_index, name, reported.status, seconds,
                                saved_seconds=saved)
         # A kernel that did not report (an older durable_nb in it): judge from the store.
         try:
@@ -208,18 +202,6 @@ class NotebookRunner:
             return StepOutcome(attempt, cell_index, name, "executed", seconds)
         return StepOutcome(attempt, cell_index, name, "replayed", seconds,
                          saved_seconds=max(record.duration_seconds - seconds, 0.0))
-
-
-class _EventSink:
-    """nbclient's stand-in for a front-end comm object: hands each message's data on."""
-
-    def __init__(self, take: Callable[[dict[str, Any]], None]) -> None:
-        self.take = take
-
-    def handle_msg(self, message: dict[str, Any]) -> None:
-        data = message["content"].get("data") or {}
-        if "step_name" in data:
-            self.take(data)
 
 
 def _step_label(name: str | None) -> str:
