@@ -20,8 +20,9 @@ import mmap
 import os
 import sys
 import tempfile
+import threading
 import time
-from typing import Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 from ..crash_points import BEFORE_PAYLOAD_FSYNC, crash_point
 from ..errors import PayloadCorruptError
@@ -39,6 +40,10 @@ _MAP_WITHOUT_DESCRIPTOR = sys.version_info >= (3, 13)  # mmap(trackfd=False)
 # process is committing right now.
 GC_GRACE_SECONDS = 3600.0
 _PARTIAL_PREFIX = ".partial-"
+# From this size, the bytes are hashed on a second thread while they are written (hashlib
+# and file writes both let go of the GIL): the hash then costs nothing on two cores. Below
+# it, a thread costs more than it saves.
+HASH_WHILE_WRITING_FROM = 4 * 1024 * 1024
 
 
 class PayloadFiles:
@@ -53,18 +58,71 @@ class PayloadFiles:
     def path(self, sha256: str) -> str:
         return os.path.join(self.directory, sha256[:2], sha256)
 
-    def put(self, data: memoryview, step_name: str = "") -> str:
+    def put(self, data: memoryview, step_name: str = "",
+            also: Callable[[memoryview], str] | None = None) -> tuple[str, str | None]:
         """Write bytes (a view of format "B") to their file, fsynced, unless it is there
-        already; returns their SHA-256. `step_name` names the step for crash_point."""
+        already; returns their SHA-256, and `also(data)` if asked (a check computed on the
+        same pass). `step_name` names the step for crash_point."""
+        if data.nbytes >= HASH_WHILE_WRITING_FROM:
+            return self._put_hashing_while_writing(data, step_name, also)
         sha256 = hashlib.sha256(data).hexdigest()
+        extra = also(data) if also is not None else None
         path = self.path(sha256)
         if os.path.exists(path) and os.path.getsize(path) == data.nbytes:
             # Touch it: gc spares files younger than its grace period, and this one is
             # about to be referenced again.
             os.utime(path)
-            return sha256
+            return sha256, extra
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
+        temporary = self._write_partial(data, directory, step_name)
+        self._rename_into_place(temporary, path)
+        return sha256, extra
+
+    def _put_hashing_while_writing(self, data: memoryview, step_name: str,
+                                   also: Callable[[memoryview], str] | None
+                                   ) -> tuple[str, str | None]:
+        """`put` for large bytes: the name is not known until the hash is, so they go to a
+        partial file first. Bytes already stored (a value recorded unchanged) are then
+        written once more and dropped: the price of not hashing before writing."""
+        digests: list[str | None] = []
+        failures: list[BaseException] = []
+
+        def hash_them() -> None:
+            try:
+                digests.append(hashlib.sha256(data).hexdigest())
+                digests.append(also(data) if also is not None else None)
+            except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+                failures.append(exc)
+
+        hashing = threading.Thread(target=hash_them, name="durable_nb-payload-hash",
+                                   daemon=True)
+        hashing.start()
+        os.makedirs(self.directory, exist_ok=True)
+        try:
+            temporary = self._write_partial(data, self.directory, step_name)
+        finally:
+            hashing.join()
+        try:
+            if failures:
+                raise failures[0]
+            sha256, extra = digests
+            assert sha256 is not None
+            path = self.path(sha256)
+            if os.path.exists(path) and os.path.getsize(path) == data.nbytes:
+                os.utime(path)  # as in put: about to be referenced again
+                os.remove(temporary)
+                return sha256, extra
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except BaseException:
+            os.remove(temporary)
+            raise
+        self._rename_into_place(temporary, path)
+        return sha256, extra
+
+    @staticmethod
+    def _write_partial(data: memoryview, directory: str, step_name: str) -> str:
+        """The bytes in a new partial file in `directory`, fsynced; returns its path."""
         handle, temporary = tempfile.mkstemp(dir=directory, prefix=_PARTIAL_PREFIX)
         try:
             with os.fdopen(handle, "wb") as stream:
@@ -72,13 +130,21 @@ class PayloadFiles:
                 stream.flush()
                 crash_point(BEFORE_PAYLOAD_FSYNC, step_name)
                 os.fsync(stream.fileno())
+        except BaseException:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
+        return temporary
+
+    @staticmethod
+    def _rename_into_place(temporary: str, path: str) -> None:
+        try:
             os.replace(temporary, path)
         except BaseException:
             if os.path.exists(temporary):
                 os.remove(temporary)
             raise
-        fsync_directory(directory)
-        return sha256
+        fsync_directory(os.path.dirname(path))
 
     def restore_missing(self, payloads: Mapping[str, Chunk], step_name: str = "") -> None:
         """Write again any of these files that gc removed after they were written (the
@@ -172,7 +238,7 @@ class PayloadFiles:
             try:
                 os.link(self.path(name), destination)
             except OSError:
-                target.put(memoryview(self.read(name)))
+                target.put(memoryview(self.read(name)).cast("B"))
             count += 1
         return count
 

@@ -129,7 +129,7 @@ class PlacedStep:
         outputs_json = json.dumps([item.output for item in outputs])
         # Large outputs (a training log, a big table) go to a payload file: in the row they
         # would be copied at every checkpoint, and held in memory by DuckDB meanwhile.
-        outputs_file = files.put(memoryview(outputs_json.encode()), step_name) \
+        outputs_file = files.put(memoryview(outputs_json.encode()), step_name)[0] \
             if len(outputs_json) > inline_limit else None
         # Only bytes reach a payload file: _place_chunks refuses stored references.
         payloads = {sha256: cast(Chunk, chunk) for variable in ordered
@@ -178,7 +178,16 @@ def _place_chunks(files: PayloadFiles, chunks: Iterable[StoredChunk], budget: li
             budget[0] -= view.nbytes
             placed.append((view.nbytes, view.tobytes(), None, integrity_check(view, index)))
         else:
-            sha256 = files.put(view, step_name)
-            check = "sha256:" + sha256 if index < 2 else integrity_check(view, index)
+            if index < 2:  # the file's name is its SHA-256 check
+                sha256, _ = files.put(view, step_name)
+                check = "sha256:" + sha256
+            else:  # the CRC-32 computed on the pass that hashes the bytes
+                sha256, crc = files.put(view, step_name, also=_raw_memory_check)
+                assert crc is not None
+                check = crc
             placed.append((view.nbytes, None, sha256, check))
     return placed
+
+
+def _raw_memory_check(data: memoryview) -> str:
+    return integrity_check(data, 2)  # the check of a raw buffer (a chunk after the stream)
