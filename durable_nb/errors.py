@@ -332,3 +332,19 @@ class NotebookFailedError(DurableError):
     def __init__(self, path: str, reason: str) -> None:
         self.path = path
         super().__init__(f"{path}: {reason}")
+
+
+# Signals inside durable_nb rather than errors for users: they never leave it as they are.
+
+class RestoreFailed(Exception):
+    """The stream cannot be replayed here; the message says why."""
+
+
+class StepTimedOut(BaseException):
+    """Raised into a step's code when its timeout expires. Not an Exception (as
+    KeyboardInterrupt is not), so that `except Exception:` in the step cannot swallow it;
+    `deadline` turns it into StepTimeoutError once the step's code has unwound."""
+
+
+class ReplayMismatch(Exception):
+    """A check found differences; its message is the whole report."""

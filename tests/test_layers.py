@@ -9,6 +9,7 @@ imports inside functions included.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,29 @@ def test_the_checker_sees_a_deferred_upward_import(tmp_path: Path) -> None:
         assert {_part(target) for target in _imports(source)} == {"engine"}, relative
     finally:
         PACKAGE = saved
+
+
+def _layout_modules() -> set[str]:
+    """The modules the README's Layout section names, as paths inside the package."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    named: set[str] = set()
+    package = ""
+    for line in block.splitlines():
+        folder = re.match(r"^  (\w+)/", line)
+        if folder:
+            package = folder.group(1) + "/"
+        elif re.match(r"^  \S", line) or not line.strip():
+            package = ""  # a top-level entry
+        if re.match(r"^(tests|notebooks|benchmarks|docs)/", line):
+            break
+        named |= {package + name for name in re.findall(r"\b(\w+\.py)\b", line)}
+    return named
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    modules = {str(path.relative_to(PACKAGE)) for path in MODULES
+               if path.name != "__init__.py" or path.parent == PACKAGE}
+    layout = _layout_modules()
+    assert modules - layout == set(), "modules missing from the README's Layout section"
+    assert layout - modules == set(), "the README's Layout section names modules that do not exist"

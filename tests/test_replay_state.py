@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from durable_nb.state.codec import RestoreFailed, decode_state, encode_state
+from durable_nb.errors import RestoreFailed
+from durable_nb.state.codec import decode_state, encode_state
 from durable_nb.errors import DurableWarning
 from durable_nb.state.references import index_live_objects
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from ..errors import DurableError, DurableWarning, NotInStepError, StepTimeoutError
+from ..errors import DurableError, DurableWarning, NotInStepError, StepTimedOut, StepTimeoutError
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,6 @@ def interrupts_held() -> Iterator[list[int]]:
         yield received
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-
-
-class StepTimedOut(BaseException):
-    """Raised into a step's code when its timeout expires. Not an Exception (as
-    KeyboardInterrupt is not), so that `except Exception:` in the step cannot swallow it;
-    `deadline` turns it into StepTimeoutError once the step's code has unwound."""
 
 
 @contextmanager

@@ -16,13 +16,10 @@ from typing import Any, Iterator
 
 import pytest
 
+from ..errors import ReplayMismatch
 from .checks import (Problem, differing_outputs, differing_variables, format_problems, run_stopped,
                      unexpected_executions)
 from .runs import KernelSettings, NotebookRun, NotebookSession, step_cells, step_name
-
-
-class ReplayMismatch(Exception):
-    """A check found differences; its message is the whole report."""
 
 
 class ReplayNotebook(pytest.File):

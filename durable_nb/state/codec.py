@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable
 
 import cloudpickle
 
+from ..errors import RestoreFailed
 from .fingerprint import out_of_band
 from .references import LiveObjects, Missing, describe, qualified_type_name, resolve
 
@@ -69,10 +70,6 @@ class EncodedState:
 class DecodedState:
     bindings: dict[str, Any] = field(default_factory=dict)
     patches: list[tuple[Any, str, Any]] = field(default_factory=list)  # live object, kind, state
-
-
-class RestoreFailed(Exception):
-    """The stream cannot be replayed here; the message says why."""
 
 
 # -- patching objects in place ----------------------------------------------------------
