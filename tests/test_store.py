@@ -420,3 +420,20 @@ def test_large_outputs_live_in_a_payload_file_that_gc_keeps_and_reads_verify(tmp
     fresh = StepStore(store.path)
     with pytest.raises(PayloadCorruptError, match=r"step 'loud' \(#1\) is damaged: its outputs: the payload file"):
         fresh.read_step(fresh.live_steps("wf")[0])
+
+
+def test_list_workflows_sums_each_workflows_live_steps_by_status(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    store = StepStore(tmp_path / "s.duckdb")
+    late = datetime(2026, 1, 2)
+    store.record_step(record(1, "a"), [], [encode("x", b"x" * 100)])
+    store.record_step(replace(record(2, "b", "failed"), finished_at=late), [], [])
+    store.record_step(replace(record(1, "a"), workflow_id="other"), [], [])
+    summaries = {summary.workflow_id: summary for summary in store.list_workflows()}
+    assert sorted(summaries) == ["other", "wf"]
+    wf = summaries["wf"]
+    assert (wf.steps, wf.completed, wf.counts) == (2, 1, {"completed": 1, "failed": 1})
+    assert wf.last_activity == late and wf.state_bytes == sum(
+        step.state_bytes for step in store.all_steps("wf"))
+    assert (summaries["other"].steps, summaries["other"].counts) == (1, {"completed": 1})

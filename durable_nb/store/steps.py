@@ -153,13 +153,24 @@ class StepStore:
     def list_workflows(self) -> list[WorkflowSummary]:
         with self.database.connect() as connection:
             rows = connection.execute(
-                "SELECT workflow_id, count(*), count(*) FILTER (status = ?), "
-                "sum(state_bytes), max(finished_at), histogram(status) FROM steps "
-                "WHERE superseded_at IS NULL GROUP BY workflow_id ORDER BY workflow_id",
-                [COMPLETED]).fetchall()
-        return [WorkflowSummary(workflow_id, steps, completed, state_bytes, last_activity,
-                                dict(counts))
-                for workflow_id, steps, completed, state_bytes, last_activity, counts in rows]
+                "SELECT workflow_id, status, count(*), sum(state_bytes), max(finished_at) "
+                "FROM steps WHERE superseded_at IS NULL GROUP BY workflow_id, status "
+                "ORDER BY workflow_id, status").fetchall()
+        summaries: dict[str, WorkflowSummary] = {}
+        for workflow_id, status, count, state_bytes, last_activity in rows:
+            before = summaries.get(workflow_id)
+            if before is None:
+                summaries[workflow_id] = WorkflowSummary(
+                    workflow_id, count, count if status == COMPLETED else 0, state_bytes,
+                    last_activity, {status: count})
+                continue
+            before.counts[status] = count
+            summaries[workflow_id] = replace(
+                before, steps=before.steps + count,
+                completed=before.completed + (count if status == COMPLETED else 0),
+                state_bytes=before.state_bytes + state_bytes,  # both NOT NULL
+                last_activity=max(before.last_activity, last_activity))
+        return list(summaries.values())
 
     # -- writing -----------------------------------------------------------------------
 
@@ -382,3 +393,4 @@ class StepStore:
                 "s.superseded_at IS NULL) GROUP BY step_name ORDER BY step_name",
                 [workflow_id, COMPLETED]).fetchall()
         return {name: (int(done), int(total)) for name, done, total in rows}
+
