@@ -56,3 +56,30 @@ def test_a_failing_check_on_the_hashing_thread_is_raised_and_leaves_no_file(
     with pytest.raises(ValueError, match="check failed"):
         files.put(memoryview(os.urandom(HASH_WHILE_WRITING_FROM)), also=broken)
     assert _files(tmp_path / "blobs") == []
+
+
+def test_chunks_written_ahead_are_found_by_the_commits_put_not_written_again(
+        tmp_path: Path) -> None:
+    files = PayloadFiles(str(tmp_path / "blobs"))
+    large = os.urandom(HASH_WHILE_WRITING_FROM + 5)
+    small = os.urandom(1000)
+    files.write_ahead([small, large], "s", _crc)()
+    [written] = _files(tmp_path / "blobs")  # only the large chunk went ahead
+    before = os.stat(tmp_path / "blobs" / written)
+    sha256, check = files.put(memoryview(large), "s", also=_crc, chunk=large)
+    assert (sha256, check) == (hashlib.sha256(large).hexdigest(), _crc(memoryview(large)))
+    after = os.stat(files.path(sha256))
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    files.forget_written_ahead()
+    assert files.put(memoryview(large), "s", chunk=large)[0] == sha256  # by content again
+
+
+def test_two_chunks_over_one_buffer_are_told_apart_by_identity(tmp_path: Path) -> None:
+    # Two halves of one bytes object: the same exporter and size, different bytes. Each
+    # must get the file of its own bytes.
+    whole = os.urandom(2 * HASH_WHILE_WRITING_FROM)
+    first, second = memoryview(whole)[:HASH_WHILE_WRITING_FROM], memoryview(whole)[HASH_WHILE_WRITING_FROM:]
+    files = PayloadFiles(str(tmp_path / "blobs"))
+    files.write_ahead([first], "s", _crc)()
+    assert files.put(second, "s", also=_crc, chunk=second)[0] == hashlib.sha256(second).hexdigest()
+    assert files.put(first, "s", also=_crc, chunk=first)[0] == hashlib.sha256(first).hexdigest()

@@ -355,8 +355,9 @@ class DurableExecutor:
         __tracebackhide__ = True  # noqa: F841
         namespace = self.host.namespace
         step_name, decision = execution.step_name, execution.decision
-        stored, unstorable = recording.encode(namespace, before, execution.options,
-                                              self.session.inputs.known)
+        stored, unstorable = recording.encode(
+            namespace, before, execution.options, self.session.inputs.known,
+            write_ahead=lambda chunks: self.store.write_ahead(chunks, step_name))
         unrestorable = {item.name: item.reason for item in unstorable}
         if decision.invalidates_later and recording.same_result(
                 self.store, decision.record, outputs, stored, unrestorable):

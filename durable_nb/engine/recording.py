@@ -20,7 +20,7 @@ from ..options import StepOptions
 from ..records import (BOUND, COMPLETED, DELETED, FAILED, PATCHED, STATE_ROW_NAME, STATE_STREAM,
                        StepRecord, StoredOutput, StoredVariable, is_opaque, utc_now)
 from ..state import ambient, changes as state
-from ..state.codec import ChangedInPlace, Unstorable, encode_state
+from ..state.codec import ChangedInPlace, EncodedState, Unstorable, encode_state
 from ..state.fingerprint import value_digest
 from ..state.references import LiveObjects, describe, index_live_objects, qualified_type_name
 from ..store.steps import StepStore
@@ -118,9 +118,12 @@ class Before:
 
 
 def encode(namespace: dict[str, Any], before: Before, options: StepOptions,
-           known: state.KnownDigests) -> tuple[list[StoredVariable], list[Unstorable]]:
+           known: state.KnownDigests,
+           write_ahead: Callable[[Sequence[Any]], Callable[[], None]] | None = None
+           ) -> tuple[list[StoredVariable], list[Unstorable]]:
     """The step's state as rows: one per variable it bound, changed or deleted, and the
-    stream that holds them (see codec.py)."""
+    stream that holds them (see codec.py). `write_ahead` starts writing the stream's large
+    chunks while the values are digested here (StepStore.write_ahead)."""
     change = before.watch.changes(namespace)
     ambient_changes = ambient.changes(before.ambient, ambient.snapshot())
     names = change.changed if options.variables is None else options.variables
@@ -148,6 +151,22 @@ def encode(namespace: dict[str, Any], before: Before, options: StepOptions,
         if id(value) not in taken and value is not namespace:
             changed.append(ChangedInPlace(describe(path), value, is_variable=False))
     encoded = encode_state(before.live, bindings, changed, ambient_changes)
+    written = write_ahead(encoded.chunks) if write_ahead is not None else None
+    try:
+        return _digested(namespace, before, options, known, bindings, changed, encoded,
+                         unstorable, ambient_changes, deleted)
+    finally:
+        if written is not None:
+            written()
+
+
+def _digested(namespace: dict[str, Any], before: Before, options: StepOptions,
+              known: state.KnownDigests, bindings: dict[str, Any],
+              changed: list[ChangedInPlace], encoded: EncodedState,
+              unstorable: list[Unstorable], ambient_changes: dict[str, Any],
+              deleted: Sequence[str]
+              ) -> tuple[list[StoredVariable], list[Unstorable]]:
+    """The variables' rows, each with its value's digest (the slow part for large values)."""
     unstorable.extend(encoded.unstorable)
     failed = {item.name for item in encoded.unstorable}
     stored: list[StoredVariable] = []

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from ..crash_points import BEFORE_PAYLOAD_FSYNC, crash_point
 from ..errors import PayloadCorruptError
@@ -51,6 +51,11 @@ class PayloadFiles:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
+        # Chunks written ahead of their step's commit (`write_ahead`), by the identity of the
+        # chunk object (the same objects reach the commit): (that object, kept alive so that
+        # its id stays its own, SHA-256, the extra check). Forgotten once the commit is done.
+        self._written_ahead: dict[int, tuple[object, str, str | None]] = {}
+        self._ahead_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"PayloadFiles({self.directory!r})"
@@ -59,10 +64,17 @@ class PayloadFiles:
         return os.path.join(self.directory, sha256[:2], sha256)
 
     def put(self, data: memoryview, step_name: str = "",
-            also: Callable[[memoryview], str] | None = None) -> tuple[str, str | None]:
+            also: Callable[[memoryview], str] | None = None,
+            chunk: object = None) -> tuple[str, str | None]:
         """Write bytes (a view of format "B") to their file, fsynced, unless it is there
         already; returns their SHA-256, and `also(data)` if asked (a check computed on the
-        same pass). `step_name` names the step for crash_point."""
+        same pass). `step_name` names the step for crash_point; `chunk`, the object the bytes
+        come from, finds them if `write_ahead` wrote them."""
+        if chunk is not None:
+            with self._ahead_lock:
+                ahead = self._written_ahead.get(id(chunk))
+            if ahead is not None and ahead[0] is chunk and os.path.exists(self.path(ahead[1])):
+                return ahead[1], ahead[2] if also is not None else None
         if data.nbytes >= HASH_WHILE_WRITING_FROM:
             return self._put_hashing_while_writing(data, step_name, also)
         sha256 = hashlib.sha256(data).hexdigest()
@@ -145,6 +157,36 @@ class PayloadFiles:
                 os.remove(temporary)
             raise
         fsync_directory(os.path.dirname(path))
+
+    def write_ahead(self, chunks: Iterable[Any], step_name: str,
+                    also: Callable[[memoryview], str]) -> Callable[[], None]:
+        """Start writing the large chunks among `chunks` (HASH_WHILE_WRITING_FROM and up) on
+        a thread, while the caller does other work (digesting the step's values); returns the
+        wait for it. The commit's `put` of the same objects then finds them written. A
+        failure here is left for that `put` to meet and report."""
+        self.forget_written_ahead()
+        large = [chunk for chunk in chunks if not isinstance(chunk, BlobReference)
+                 and memoryview(chunk).nbytes >= HASH_WHILE_WRITING_FROM]
+        if not large:
+            return lambda: None
+
+        def write_them() -> None:
+            for chunk in large:
+                try:
+                    sha256, extra = self.put(memoryview(chunk).cast("B"), step_name, also)
+                except Exception as exc:  # noqa: BLE001 - the commit's put tries again
+                    log.debug("Writing a payload ahead of its commit failed: %s", exc)
+                    return
+                with self._ahead_lock:
+                    self._written_ahead[id(chunk)] = (chunk, sha256, extra)
+
+        writer = threading.Thread(target=write_them, name="durable_nb-write-ahead", daemon=True)
+        writer.start()
+        return writer.join
+
+    def forget_written_ahead(self) -> None:
+        with self._ahead_lock:
+            self._written_ahead.clear()
 
     def restore_missing(self, payloads: Mapping[str, Chunk], step_name: str = "") -> None:
         """Write again any of these files that gc removed after they were written (the

@@ -179,15 +179,15 @@ def _place_chunks(files: PayloadFiles, chunks: Iterable[StoredChunk], budget: li
             placed.append((view.nbytes, view.tobytes(), None, integrity_check(view, index)))
         else:
             if index < 2:  # the file's name is its SHA-256 check
-                sha256, _ = files.put(view, step_name)
+                sha256, _ = files.put(view, step_name, chunk=chunk)
                 check = "sha256:" + sha256
             else:  # the CRC-32 computed on the pass that hashes the bytes
-                sha256, crc = files.put(view, step_name, also=_raw_memory_check)
+                sha256, crc = files.put(view, step_name, also=raw_memory_check, chunk=chunk)
                 assert crc is not None
                 check = crc
             placed.append((view.nbytes, None, sha256, check))
     return placed
 
 
-def _raw_memory_check(data: memoryview) -> str:
+def raw_memory_check(data: memoryview) -> str:
     return integrity_check(data, 2)  # the check of a raw buffer (a chunk after the stream)

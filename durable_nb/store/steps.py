@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..crash_points import AFTER_COMMIT, BEFORE_COMMIT, crash_point
 from ..errors import UnknownStepError, UntrustedStepError
@@ -23,9 +23,7 @@ from ..records import (COMPLETED, FAILED, STALE, StepRecord, StoredItem, StoredO
 from .db import Connection, Database, atomic, fetch_dicts
 from .payloads import GC_GRACE_SECONDS, PayloadFiles, load_chunks
 from .recovery import RecoveredWorkflow, RecoveryReport, recover_store
-from .rows import (ITEM_SIGNED_COLUMNS, RECORD_COLUMNS, SIGNED, SIGNED_COLUMNS, PlacedStep,
-                   insert_sql, outputs_from_row, payload_names, record_from_row,
-                   row_from_record, step_where, variables_from_row)
+from .rows import (ITEM_SIGNED_COLUMNS, RECORD_COLUMNS, SIGNED, SIGNED_COLUMNS, PlacedStep, insert_sql, outputs_from_row, payload_names, raw_memory_check, record_from_row, row_from_record, step_where, variables_from_row)
 from .snapshot import SnapshotCache, kept_in_memory
 from .trust import Signer
 
@@ -174,6 +172,15 @@ class StepStore:
 
     # -- writing -----------------------------------------------------------------------
 
+    def write_ahead(self, chunks: Sequence[Any], step_name: str) -> Callable[[], None]:
+        """Start writing a step's large chunks to their payload files while the caller works
+        on (digesting the values they hold); returns the wait for it. `record_step` of the
+        same chunk objects then finds them written: on two cores, the write and its hashing
+        cost the step nothing beyond the digests."""
+        if self.database.read_only:
+            return lambda: None  # the commit says the store is read-only
+        return self.payloads.write_ahead(chunks, step_name, raw_memory_check)
+
     def record_step(self, record: StepRecord, outputs: Sequence[StoredOutput],
                     variables: Sequence[StoredVariable], *,
                     supersede_from: int | None = None, stale_after: int | None = None) -> StepRecord:
@@ -189,8 +196,11 @@ class StepStore:
         self.database.check_writable(f"recording step {record.step_name!r}")
         if record.status != COMPLETED:
             supersede_from = stale_after = None
-        placed = PlacedStep.of(self.payloads, self.inline_limit, variables, outputs,
-                               record.step_name)
+        try:
+            placed = PlacedStep.of(self.payloads, self.inline_limit, variables, outputs,
+                                   record.step_name)
+        finally:
+            self.payloads.forget_written_ahead()
         previous = self._snapshots.take_for_commit(record.workflow_id)
         with self.database.connect() as connection:
             # Holding the lock: nobody else can write, so a snapshot that matches the files
