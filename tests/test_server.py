@@ -315,3 +315,21 @@ def test_the_openapi_file_describes_every_route() -> None:
         path = route.replace("([^/]+)", "{workflow}", 1).replace("([^/]+)", "{step}", 1)
         served[path] = {method for method in ("get", "post") if method in vars(handler)}
     assert {path: set(operations) for path, operations in spec["paths"].items()} == served
+
+
+async def test_a_hidden_store_is_404_unless_the_server_shows_hidden_files(
+        jp_fetch, jp_root_dir, jp_serverapp) -> None:
+    # As the server's contents API: a file under a dot-folder does not exist to a client
+    # while ContentsManager.allow_hidden is off (its default).
+    assert not jp_serverapp.contents_manager.allow_hidden, type(jp_serverapp.contents_manager)
+    hidden = jp_root_dir / ".private"
+    hidden.mkdir()
+    recorded_store(hidden)
+    (jp_root_dir / "visible.duckdb").symlink_to(hidden / "store.duckdb")
+    for given in (".private/store.duckdb", "visible.duckdb"):
+        code, document = await call(jp_fetch, params={"store": given})
+        assert code == 404, given
+        assert "hides hidden files" in document["message"]
+    jp_serverapp.contents_manager.allow_hidden = True
+    code, document = await call(jp_fetch, params={"store": ".private/store.duckdb"})
+    assert code == 200 and [row["workflow_id"] for row in document["workflows"]] == ["nightly", "weekly"]

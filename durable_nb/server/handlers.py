@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any, Callable
 
+from jupyter_core.paths import is_hidden
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
@@ -83,7 +84,8 @@ class DurableAPIHandler(APIHandler):
 
     def store_path(self) -> str:
         """The `store` argument as a file under the server's root directory (symlinks
-        resolved): 400 when missing, 403 outside the root, 404 when no file is there."""
+        resolved): 400 when missing, 403 outside the root, 404 when no file is there, or
+        when it is hidden and the server does not show hidden files (as its contents API)."""
         given = self.get_query_argument("store", "")
         if not given:
             raise web.HTTPError(400, "Name the store with ?store=PATH, relative to the server's "
@@ -96,9 +98,13 @@ class DurableAPIHandler(APIHandler):
         if os.path.commonpath([root, path]) != root:
             raise web.HTTPError(403, f"The store {given!r} is outside the server's root directory: "
                                      "name a store under it, by a path relative to it.")
-        if not os.path.isfile(path):
+        hidden = not self.contents_manager.allow_hidden and any(
+            is_hidden(candidate, root) for candidate in (os.path.join(root, given), path))
+        if hidden or not os.path.isfile(path):
             raise web.HTTPError(404, f"No store at {given!r} under the server's root directory. "
-                                     "Check the path: it is relative to the root directory.")
+                                     "Check the path: it is relative to the root directory"
+                                     + (", and the server hides hidden files "
+                                        "(ContentsManager.allow_hidden)." if hidden else "."))
         return path
 
     async def respond(self, function: Callable[..., dict[str, Any]], path: str, *args: Any) -> None:
