@@ -190,6 +190,11 @@ def test_input_names_of_a_step(notebook: str, source: str, expected: set[str]) -
     ("", "def check(x, limit=threshold):\n    return x > limit\nanswer = check(0.7)"),
     # a line magic's code
     ("", "%time answer = 0.7 > threshold"),
+    # a shell command's $variable, which IPython fills in from the namespace
+    ("", "printed = !echo $threshold\nanswer = 0.7 > float(printed[0])"),
+    # a method in a class body reads the global, not the class's own name
+    ("", "class Rule:\n    threshold = 0.0\n    def check(self, x):\n        return x > threshold\n"
+         "answer = Rule().check(0.7)"),
 ])
 def test_inputs_reached_indirectly_make_the_step_execute(
         session: NotebookSession, counter: Path, setup: str, reader: str) -> None:
