@@ -6,7 +6,8 @@ durable steps of one to three statements over typed name pools (ints `n*`, lists
 `bump*`, classes `K*` and their instances `o*`, random draws `r*`, environment reads `e*`):
 assignments, in-place mutations, aliases, containers sharing members, objects holding other
 objects, definitions and redefinitions of functions and classes, rebinding the globals they
-read, `random.seed`/`random.random()` and `os.environ`. A name keeps its kind, is read only once
+read, ints read only through a shell command's `$name`, classes whose body binds the name their
+method reads as a global, `random.seed`/`random.random()` and `os.environ`. A name keeps its kind, is read only once
 it exists, and a function only calls functions with a lower number, so no cell can fail. It
 then draws a crash point (after one of the steps, or after the last cell) and zero to two edits:
 a constant in one statement changed, in a plain cell or in a step.
@@ -171,6 +172,13 @@ def _int_derived(draw: Any, model: Model) -> Statement:
     return Statement(f"{name} = {source} + {{c}}", constant)
 
 
+def _int_from_shell(draw: Any, model: Model) -> Statement:
+    # The read is only in the text IPython expands: `$n0` in a shell command.
+    source, name, constant = draw(st.sampled_from(model.bound(INTS))), draw(st.sampled_from(INTS)), draw(CONSTANTS)
+    model.binding[name] = model.new("int", model.read(source))
+    return Statement(f"_printed = !echo ${source}\n{name} = int(_printed[0]) + {{c}}", constant)
+
+
 def _list_new(draw: Any, model: Model) -> Statement:
     name, constant = draw(st.sampled_from(LISTS)), draw(CONSTANTS)
     ints = model.bound(INTS)
@@ -284,6 +292,17 @@ def _class_def(draw: Any, model: Model) -> Statement:
                      f"    def get(self):\n        return self.v * self.scale + {read}", constant)
 
 
+def _class_shadowing_def(draw: Any, model: Model) -> Statement:
+    # The class binds the name its method reads; Python's method still reads the global.
+    name, read, constant = (draw(st.sampled_from(CLASSES)), draw(st.sampled_from(model.bound(INTS))),
+                            draw(CONSTANTS))
+    model.read(read)
+    model.binding[name] = model.new("class", {model.cell}, reads={read})
+    return Statement(f"class {name}:\n    {read} = -1\n    scale = {{c}}\n    def __init__(self, v):\n"
+                     f"        self.v = v\n    def get(self):\n        return self.v * self.scale + {read}",
+                     constant)
+
+
 def _instance_new(draw: Any, model: Model) -> Statement:
     klass, name, constant = (draw(st.sampled_from(model.bound(CLASSES))),
                              draw(st.sampled_from(INSTANCES)), draw(CONSTANTS))
@@ -350,6 +369,7 @@ def _has(*pools: list[str]) -> Callable[[Model], bool]:
 BUILDERS: dict[str, Builder] = {
     "int": (lambda model: True, _int_constant),
     "int-derived": (_has(INTS), _int_derived),
+    "int-from-shell": (_has(INTS), _int_from_shell),
     "list": (lambda model: True, _list_new),
     "list-of-lists": (_has(LISTS), _list_of_lists),
     "append": (_has(LISTS), _list_append),
@@ -363,6 +383,7 @@ BUILDERS: dict[str, Builder] = {
     "def-bumper": (_has(INTS), _bumper_def),
     "call-bumper": (_has(BUMPERS), _bumper_call),
     "class": (_has(INTS), _class_def),
+    "class-shadowing": (_has(INTS), _class_shadowing_def),
     "instance": (_has(CLASSES), _instance_new),
     "instance-set": (_has(INSTANCES), _instance_set),
     "instance-holds": (_has(INSTANCES, LISTS), _instance_holds_list),
