@@ -1,4 +1,5 @@
-"""How long to wait before trying again: exponential backoff with jitter.
+"""How long to wait before trying again: exponential backoff with jitter; and a wait that
+the Stop button can cut short.
 
 One rule for a step's retries (engine) and for a store another process has locked (store),
 so it imports nothing of durable_nb.
@@ -7,6 +8,8 @@ so it imports nothing of durable_nb.
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 # Half the delay fixed, half random: never much sooner than planned, never in lockstep.
 EQUAL_JITTER = (0.5, 1.0)
@@ -30,3 +33,38 @@ def backoff_delay(attempt: int, first: float, cap: float, *,
     low, high = jitter
     draw = (rng or _OWN_RANDOM).random()
     return delay * (low + (high - low) * draw)
+
+
+class WaitCutShort(Exception):
+    """An interrupt ended `wait`: nothing was done, the wait was given up."""
+
+
+_waiting = threading.local()
+
+
+def wait(seconds: float) -> None:
+    """Sleep, unless an interrupt comes that the caller holds back (engine's
+    `interrupts_held`, around a commit): that one ends the wait with WaitCutShort. A wait
+    for a locked store is time in which nothing is half done, so the Stop button may end it
+    rather than wait out the lock timeout."""
+    if getattr(_waiting, "interrupted", False):
+        raise WaitCutShort()
+    _waiting.now = True
+    try:
+        time.sleep(seconds)
+    finally:
+        _waiting.now = False
+
+
+def interrupt_arrived() -> None:
+    """Called by a handler that holds interrupts back: a `wait` in progress (or the next one,
+    until `interrupts_settled`) ends now."""
+    _waiting.interrupted = True
+    if getattr(_waiting, "now", False):
+        _waiting.now = False
+        raise WaitCutShort()
+
+
+def interrupts_settled() -> None:
+    """The held interrupts were dealt with: later waits sleep again."""
+    _waiting.interrupted = False

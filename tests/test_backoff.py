@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -69,3 +70,17 @@ def test_waiting_leaves_the_users_random_sequence_alone() -> None:
     for attempt in range(1, 20):
         backoff_delay(attempt, 0.005, 0.25)
     assert [random.random() for _ in range(3)] == expected
+
+
+def test_a_wait_after_a_held_interrupt_ends_at_once_until_it_is_settled() -> None:
+    from durable_nb.backoff import WaitCutShort, interrupt_arrived, interrupts_settled, wait
+
+    interrupt_arrived()  # held by a commit's handler while no wait was in progress
+    try:
+        started = time.monotonic()
+        with pytest.raises(WaitCutShort):
+            wait(30.0)
+        assert time.monotonic() - started < 1.0
+    finally:
+        interrupts_settled()
+    wait(0.001)  # settled: waits sleep again

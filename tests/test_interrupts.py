@@ -166,3 +166,34 @@ def test_interrupts_across_a_slow_commit_are_reported_truthfully_and_replay_iff_
     # had finished: the step is recorded, and the cell still stops) and before it.
     assert any(probe.status == "error" and probe.recorded for probe in probes), report
     assert any(not probe.recorded for probe in probes), report
+
+
+def test_stop_while_the_commit_waits_for_a_locked_store_ends_the_wait_and_keeps_it_pending(
+        tmp_path: Path) -> None:
+    # The commit waits for a store another process holds (up to the lock timeout, 60 s here).
+    # Nothing is half done while it waits, so Stop ends the wait at once; the record stays
+    # pending and is committed before the next step runs, and the step then replays.
+    from .test_store import lock_held_by_another_process
+
+    store = tmp_path / "store.duckdb"
+    setup = SETUP_CELL + f"%durable_workflow stop-wait --db {store}\n"
+    waited = '%%durable_step waited\ncount_run("waited")\nanswer = 42'
+    after = '%%durable_step after\ncount_run("after")\nnext_answer = answer + 1'
+    with Kernel(tmp_path, {"DURABLE_NB_LOCK_TIMEOUT": "60"}) as kernel:
+        kernel.start()
+        assert kernel.execute(setup).status == "ok"
+        with lock_held_by_another_process(store):
+            stopped = kernel.execute(waited, interrupt_after=2.0, timeout=50)
+        assert stopped.status == "error" and stopped.seconds < 20, stopped.seconds
+        error = stopped.describe_error()
+        assert "StepInterrupted" in error and "waited for the store" in error, error
+        assert not INTERNAL_FRAME.search(ANSI.sub("", error)), error
+        assert kernel.execute(after).status == "ok"  # commits 'waited' first, then itself
+        kernel.restart()
+        assert kernel.execute(setup).status == "ok"
+        for cell in (waited, after, "print(answer, next_answer)"):
+            result = kernel.execute(cell)
+            assert result.status == "ok", result.describe_error()
+        assert result.stream_text().split() == ["42", "43"]
+    assert (tmp_path / "ran-waited.txt").read_text().count("ran") == 1
+    assert (tmp_path / "ran-after.txt").read_text().count("ran") == 1

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from ..backoff import interrupt_arrived, interrupts_settled
 from ..errors import DurableError, DurableWarning, NotInStepError, StepTimedOut, StepTimeoutError
 
 
@@ -74,11 +75,17 @@ def interrupts_held() -> Iterator[list[int]]:
         yield []
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+
+    def hold(signum: int, frame: Any) -> None:
+        received.append(signum)
+        interrupt_arrived()  # ends a wait for a locked store (backoff.WaitCutShort)
+
+    previous = signal.signal(signal.SIGINT, hold)
     try:
         yield received
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        interrupts_settled()
 
 
 @contextmanager

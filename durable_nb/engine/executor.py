@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Callable, Sequence
 
-from ..backoff import backoff_delay
+from ..backoff import WaitCutShort, backoff_delay
 from ..cells.cell import run_compiled
 from ..cells.host import Host
 from ..errors import (NonDeterminismError, StepInterrupted, StepNotRecordedError,
@@ -262,6 +262,8 @@ class DurableExecutor:
                 completed = pending.commit()
             except StoreLockedError as exc:
                 raise StepNotRecordedError(pending.step_name, exc, pending=True) from exc
+            except WaitCutShort:  # Stop while waiting for the store: it stays pending
+                raise StepInterrupted(pending.step_name, recorded=False, pending=True) from None
             self.session.pending = None
             log.info("Committed step %r, which had waited for the store", pending.step_name)
             pending.committed(completed)
@@ -385,6 +387,9 @@ class DurableExecutor:
             # The work is done and encoded: keep it, and commit it before anything else runs.
             self.session.pending = PendingCommit(step_name, commit, committed)
             raise StepNotRecordedError(step_name, exc, pending=True) from exc
+        except WaitCutShort:  # Stop while waiting for a locked store: the same, sooner
+            self.session.pending = PendingCommit(step_name, commit, committed)
+            raise StepInterrupted(step_name, recorded=False, pending=True) from None
         except Exception as exc:
             raise StepNotRecordedError(step_name, exc) from exc
         committed(completed)

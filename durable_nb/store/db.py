@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import duckdb
 
-from ..backoff import backoff_delay
+from ..backoff import backoff_delay, wait
 from ..errors import (StoreCorruptError, StoreError, StoreLockedError, StoreReadOnlyError,
                      StoreVersionError)
 
@@ -457,7 +457,7 @@ class Database:
                 # 5 ms doubling to 0.25 s; jitter keeps two waiting kernels out of lockstep.
                 delay = backoff_delay(attempt, 0.005, 0.25, jitter=(0.5, 1.5))
                 log.debug("Store %s is locked, retrying in %.3f s", self.path, delay)
-                time.sleep(delay)
+                wait(delay)  # the Stop button may end it (backoff.WaitCutShort)
             except duckdb.Error as exc:
                 raise StoreCorruptError(self.path, damage_detail(exc)) from exc
 
