@@ -246,11 +246,17 @@ class StepInterrupted(KeyboardInterrupt):
     step rather than in the step's code, told with what the store holds. One that comes
     while the record is being committed waits until the commit is done."""
 
-    def __init__(self, step_name: str, recorded: bool | None, pending: bool = False) -> None:
+    def __init__(self, step_name: str, recorded: bool | None, pending: bool = False,
+                 replaying: bool = False) -> None:
         self.step_name = step_name
         self.recorded = recorded
         self.pending = pending
-        if pending:
+        self.replaying = replaying
+        if replaying:
+            outcome = ("it came while the step replayed. Its record is intact: run the cell "
+                       "again and it replays (until then, the variables it restores may be "
+                       "as they were before it).")
+        elif pending:
             outcome = ("it came while the record waited for the store, which another process "
                        "holds. Its results are in the namespace, and durable_nb commits its "
                        "record before the next step runs (running any step retries it); until "
@@ -267,7 +273,8 @@ class StepInterrupted(KeyboardInterrupt):
         super().__init__(f"Step {step_name!r} was interrupted; {outcome}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (self.step_name, self.recorded, self.pending), self.__dict__
+        return (type(self), (self.step_name, self.recorded, self.pending, self.replaying),
+                self.__dict__)
 
     def _render_traceback_(self) -> list[str]:
         return _one_line(self)  # as DurableError's: only the message says anything

@@ -197,3 +197,28 @@ def test_stop_while_the_commit_waits_for_a_locked_store_ends_the_wait_and_keeps_
         assert result.stream_text().split() == ["42", "43"]
     assert (tmp_path / "ran-waited.txt").read_text().count("ran") == 1
     assert (tmp_path / "ran-after.txt").read_text().count("ran") == 1
+
+
+def test_stop_during_a_replay_says_the_record_is_intact_and_the_step_replays_when_run_again(
+        tmp_path: Path) -> None:
+    store = tmp_path / "store.duckdb"
+    setup = SETUP_CELL + f"%durable_workflow stop-replay --db {store}\n"
+    # ~1 s to unpickle: a stop 0.4 s into the cell lands in the replay, not around it.
+    cell = ('%%durable_step slow-to-restore\ncount_run("slow")\n'
+            'pairs = [(i, str(i)) for i in range(5_000_000)]')
+    with Kernel(tmp_path, {}) as kernel:
+        kernel.start()
+        assert kernel.execute(setup).status == "ok"
+        assert kernel.execute(cell).status == "ok"
+        kernel.restart()
+        assert kernel.execute(setup).status == "ok"
+        stopped = kernel.execute(cell, interrupt_after=0.4)
+        assert stopped.status == "error"
+        error = stopped.describe_error()
+        assert "StepInterrupted" in error and "while the step replayed" in error, error
+        assert not INTERNAL_FRAME.search(ANSI.sub("", error)), error
+        again = kernel.execute(cell)
+        assert again.status == "ok", again.describe_error()
+        shown = kernel.execute("print(len(pairs), pairs[-1])")
+        assert shown.stream_text().split() == ["5000000", "(4999999,", "'4999999')"]
+    assert (tmp_path / "ran-slow.txt").read_text().count("ran") == 1

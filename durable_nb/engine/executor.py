@@ -222,6 +222,8 @@ class DurableExecutor:
         if decision.replay and decision.record is not None:
             try:
                 return self._replay(decision.record, decision.reason)
+            except KeyboardInterrupt:  # nothing of the store changes while a step replays
+                raise StepInterrupted(step_name, recorded=True, replaying=True) from None
             except replay.FAILURES as exc:
                 decision = replace(decision, replay=False,
                                    reason=replay.fall_back(step_name, exc, self.strict))

@@ -17,7 +17,7 @@ from ..records import (BOUND, DELETED, LEGACY_CODECS, PATCHED, STATE_STREAM, Ste
 from ..state import ambient
 from ..state.codec import DecodedState, apply_state, decode_state
 from ..store.steps import StepStore, load_chunks
-from .context import warn_about_step
+from .context import interrupts_held, warn_about_step
 from .session import Session
 
 
@@ -76,8 +76,11 @@ def restore(record: StepRecord, stored: Sequence[StoredVariable], store: StepSto
         decoded = DecodedState() if stream is None else decode_state(
             namespace, load_chunks(store, stream),
             lambda changes: problems.extend(ambient.apply(changes)))
-        apply_state(namespace, decoded, deleted)
-        host.after_replay()
+        with interrupts_held() as interrupts:  # the namespace changes all at once, or not at all
+            apply_state(namespace, decoded, deleted)
+            host.after_replay()
+        if interrupts:
+            raise KeyboardInterrupt
     except PayloadCorruptError:
         raise
     except Exception as exc:
