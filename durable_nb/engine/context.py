@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import os
 import signal
 import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from types import TracebackType
+from typing import Any, Callable, Iterator, Literal
 
 from ..backoff import interrupt_arrived, interrupts_settled
+from ..cells.cell import run_compiled
 from ..errors import DurableError, DurableWarning, NotInStepError, StepTimedOut, StepTimeoutError
 
 
@@ -88,8 +91,7 @@ def interrupts_held() -> Iterator[list[int]]:
         interrupts_settled()
 
 
-@contextmanager
-def deadline(step_name: str, timeout: float | None) -> Iterator[None]:
+class deadline:  # noqa: N801 - used as `with deadline(...)`, as contextlib's managers are
     """Stop the step's code once `timeout` seconds have passed: StepTimeoutError.
 
     SIGALRM interrupts blocking calls such as time.sleep and lands between bytecodes, which
@@ -97,26 +99,77 @@ def deadline(step_name: str, timeout: float | None) -> Iterator[None]:
     Even code that catches everything (`except BaseException:`) cannot make a timed-out
     step succeed: once it returns, the step fails all the same.
     """
-    if timeout is None:
-        yield
-        return
-    if threading.current_thread() is not threading.main_thread():
-        raise DurableError("--timeout works only when the step runs in the main thread.")
-    expired = False
 
-    def expire(signum: int, frame: Any) -> None:
-        nonlocal expired
-        expired = True
+    def __init__(self, step_name: str, timeout: float | None) -> None:
+        self.step_name = step_name
+        self.timeout = timeout
+        self.expired = False
+        self._previous: Any = None
+
+    def __enter__(self) -> None:
+        if self.timeout is None:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            raise DurableError("--timeout works only when the step runs in the main thread.")
+        self._previous = signal.signal(signal.SIGALRM, self._expire)
+        signal.setitimer(signal.ITIMER_REAL, self.timeout)
+
+    def _expire(self, signum: int, frame: Any) -> None:
+        self.expired = True
         raise StepTimedOut()
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
-    try:
-        yield
-    except StepTimedOut:
-        raise StepTimeoutError(step_name, timeout) from None
-    finally:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> Literal[False]:
+        __tracebackhide__ = True  # noqa: F841  (IPython hides this frame in tracebacks)
+        if self.timeout is None:
+            return False
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    if expired:  # the step's code caught StepTimedOut and went on
-        raise StepTimeoutError(step_name, timeout)
+        signal.signal(signal.SIGALRM, self._previous)
+        if isinstance(error, StepTimedOut):
+            # Shown where the step's code was when its time ran out, as an interrupt is.
+            end_at_the_steps_code(error)
+            raise StepTimeoutError(self.step_name, self.timeout).with_traceback(
+                error.__traceback__) from None
+        if error is None and self.expired:  # the step's code caught StepTimedOut and went on
+            raise StepTimeoutError(self.step_name, self.timeout)
+        return False
+
+
+_PACKAGE_DIRECTORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_OUTPUT_PLUMBING = os.path.join(_PACKAGE_DIRECTORY, "cells", "capture.py")
+
+
+def steps_code_entries(interrupt: BaseException) -> list[TracebackType] | None:
+    """The traceback entries from the step's code on, if the interrupt stopped that code
+    (rather than durable_nb's work around it), without durable_nb's output plumbing (a print
+    forwarded through capture.py) and its frames at the end: where the user's code was."""
+    entries = []
+    entry = interrupt.__traceback__
+    while entry is not None:
+        entries.append(entry)
+        entry = entry.tb_next
+    start = next((index for index, entry in enumerate(entries)
+                  if entry.tb_frame.f_code is run_compiled.__code__), None)
+    if start is None:
+        return None
+    kept = [entry for entry in entries[start + 1:]
+            if entry.tb_frame.f_code.co_filename != _OUTPUT_PLUMBING]
+    while kept and kept[-1].tb_frame.f_code.co_filename.startswith(_PACKAGE_DIRECTORY):
+        kept.pop()
+    return [*entries[:start + 1], *kept] if kept else None
+
+
+def stopped_the_steps_code(interrupt: BaseException) -> bool:
+    return steps_code_entries(interrupt) is not None
+
+
+def end_at_the_steps_code(interrupt: BaseException) -> None:
+    """Show an interrupt (or a timeout) of the step's code where the user's code was (IPython always shows
+    the last frame, even one of durable_nb's)."""
+    entries = steps_code_entries(interrupt)
+    if entries is None:
+        return
+    rebuilt = None
+    for entry in reversed(entries):
+        rebuilt = TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    interrupt.with_traceback(rebuilt)

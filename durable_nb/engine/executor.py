@@ -19,7 +19,6 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from types import TracebackType
 from typing import Any, Callable, Sequence
 
 from ..backoff import WaitCutShort, backoff_delay
@@ -33,7 +32,8 @@ from ..state.fingerprint import code_fingerprint
 from ..store.db import lock_timeout_or_default
 from ..store.steps import StepStore
 from . import events, recording, replay
-from .context import StepContext, deadline, interrupts_held, running, warn_about_step
+from .context import (StepContext, deadline, end_at_the_steps_code, interrupts_held, running,
+                      stopped_the_steps_code, warn_about_step)
 from .decision import Decision, decide
 from .inputs import Inputs
 from .session import PendingCommit, Session
@@ -231,7 +231,7 @@ class DurableExecutor:
             return self._execute(workflow_id, step_name, source, transformed, fingerprint,
                                  inputs, decision, options)
         except KeyboardInterrupt as exc:
-            if isinstance(exc, StepInterrupted) or _stopped_the_steps_code(exc):
+            if isinstance(exc, StepInterrupted) or stopped_the_steps_code(exc):
                 raise  # its traceback shows where the step's code was
             # It landed in durable_nb's own work around the step's code: say what the store holds.
             raise StepInterrupted(step_name, self._recorded_anew(workflow_id, step_name,
@@ -341,7 +341,7 @@ class DurableExecutor:
                 delay = backoff_delay(attempt, options.backoff, options.max_backoff) if retry else 0.0
                 execution.attempt_failed(attempt, exc, attempt_started, delay)
                 if isinstance(exc, KeyboardInterrupt):
-                    _end_at_the_steps_code(exc)
+                    end_at_the_steps_code(exc)
                 failed = execution.record_failure(recorder.outputs, exc)
                 self._emit(StepEvent(workflow_id, decision.sequence_number, step_name,
                                      "failed", decision.reason, execution.seconds(), failed,
@@ -429,43 +429,4 @@ def _previous_status(decision: Decision) -> str | None:
 def _variable_names(stored: Sequence[StoredVariable]) -> tuple[str, ...]:
     return tuple(variable.name for variable in stored if variable.holds_a_variable)
 
-
-_PACKAGE_DIRECTORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-_OUTPUT_PLUMBING = os.path.join(_PACKAGE_DIRECTORY, "cells", "capture.py")
-
-
-def _steps_code_entries(interrupt: KeyboardInterrupt) -> list[TracebackType] | None:
-    """The traceback entries from the step's code on, if the interrupt stopped that code
-    (rather than durable_nb's work around it), without durable_nb's output plumbing (a print
-    forwarded through capture.py) and its frames at the end: where the user's code was."""
-    entries = []
-    entry = interrupt.__traceback__
-    while entry is not None:
-        entries.append(entry)
-        entry = entry.tb_next
-    start = next((index for index, entry in enumerate(entries)
-                  if entry.tb_frame.f_code is run_compiled.__code__), None)
-    if start is None:
-        return None
-    kept = [entry for entry in entries[start + 1:]
-            if entry.tb_frame.f_code.co_filename != _OUTPUT_PLUMBING]
-    while kept and kept[-1].tb_frame.f_code.co_filename.startswith(_PACKAGE_DIRECTORY):
-        kept.pop()
-    return [*entries[:start + 1], *kept] if kept else None
-
-
-def _stopped_the_steps_code(interrupt: KeyboardInterrupt) -> bool:
-    return _steps_code_entries(interrupt) is not None
-
-
-def _end_at_the_steps_code(interrupt: KeyboardInterrupt) -> None:
-    """Show an interrupt of the step's code where the user's code was (IPython always shows
-    the last frame, even one of durable_nb's)."""
-    entries = _steps_code_entries(interrupt)
-    if entries is None:
-        return
-    rebuilt = None
-    for entry in reversed(entries):
-        rebuilt = TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
-    interrupt.with_traceback(rebuilt)
 
