@@ -44,6 +44,7 @@ point and the edits, ready to paste into a notebook.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -283,22 +284,14 @@ def _bumper_call(draw: Any, model: Model) -> Statement:
     return Statement(f"{bumper}()")
 
 
-def _class_def(draw: Any, model: Model) -> Statement:
+def _class_def(draw: Any, model: Model, shadowing: bool = False) -> Statement:
     name, read, constant = (draw(st.sampled_from(CLASSES)), draw(st.sampled_from(model.bound(INTS))),
                             draw(CONSTANTS))
     model.read(read)
     model.binding[name] = model.new("class", {model.cell}, reads={read})
-    return Statement(f"class {name}:\n    scale = {{c}}\n    def __init__(self, v):\n        self.v = v\n"
-                     f"    def get(self):\n        return self.v * self.scale + {read}", constant)
-
-
-def _class_shadowing_def(draw: Any, model: Model) -> Statement:
-    # The class binds the name its method reads; Python's method still reads the global.
-    name, read, constant = (draw(st.sampled_from(CLASSES)), draw(st.sampled_from(model.bound(INTS))),
-                            draw(CONSTANTS))
-    model.read(read)
-    model.binding[name] = model.new("class", {model.cell}, reads={read})
-    return Statement(f"class {name}:\n    {read} = -1\n    scale = {{c}}\n    def __init__(self, v):\n"
+    # Shadowing: the class binds the name its method reads; the method still reads the global.
+    shadow = f"    {read} = -1\n" if shadowing else ""
+    return Statement(f"class {name}:\n{shadow}    scale = {{c}}\n    def __init__(self, v):\n"
                      f"        self.v = v\n    def get(self):\n        return self.v * self.scale + {read}",
                      constant)
 
@@ -383,7 +376,7 @@ BUILDERS: dict[str, Builder] = {
     "def-bumper": (_has(INTS), _bumper_def),
     "call-bumper": (_has(BUMPERS), _bumper_call),
     "class": (_has(INTS), _class_def),
-    "class-shadowing": (_has(INTS), _class_shadowing_def),
+    "class-shadowing": (_has(INTS), functools.partial(_class_def, shadowing=True)),
     "instance": (_has(CLASSES), _instance_new),
     "instance-set": (_has(INSTANCES), _instance_set),
     "instance-holds": (_has(INSTANCES, LISTS), _instance_holds_list),

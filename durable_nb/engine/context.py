@@ -91,7 +91,7 @@ def interrupts_held() -> Iterator[list[int]]:
         interrupts_settled()
 
 
-class deadline:  # noqa: N801 - used as `with deadline(...)`, as contextlib's managers are
+class deadline:  # lower case: used as `with deadline(...)`, as contextlib's managers are
     """Stop the step's code once `timeout` seconds have passed: StepTimeoutError.
 
     SIGALRM interrupts blocking calls such as time.sleep and lands between bytecodes, which

@@ -20,7 +20,7 @@ from ..options import StepOptions
 from ..records import (BOUND, COMPLETED, DELETED, FAILED, PATCHED, STATE_ROW_NAME, STATE_STREAM,
                        StepRecord, StoredOutput, StoredVariable, is_opaque, utc_now)
 from ..state import ambient, changes as state
-from ..state.codec import ChangedInPlace, EncodedState, Unstorable, encode_state
+from ..state.codec import ChangedInPlace, Unstorable, encode_state
 from ..state.fingerprint import value_digest
 from ..state.references import LiveObjects, describe, index_live_objects, qualified_type_name
 from ..store.steps import StepStore
@@ -152,33 +152,22 @@ def encode(namespace: dict[str, Any], before: Before, options: StepOptions,
             changed.append(ChangedInPlace(describe(path), value, is_variable=False))
     encoded = encode_state(before.live, bindings, changed, ambient_changes)
     written = write_ahead(encoded.chunks) if write_ahead is not None else None
-    try:
-        return _digested(namespace, before, options, known, bindings, changed, encoded,
-                         unstorable, ambient_changes, deleted)
-    finally:
-        if written is not None:
-            written()
-
-
-def _digested(namespace: dict[str, Any], before: Before, options: StepOptions,
-              known: state.KnownDigests, bindings: dict[str, Any],
-              changed: list[ChangedInPlace], encoded: EncodedState,
-              unstorable: list[Unstorable], ambient_changes: dict[str, Any],
-              deleted: Sequence[str]
-              ) -> tuple[list[StoredVariable], list[Unstorable]]:
-    """The variables' rows, each with its value's digest (the slow part for large values)."""
     unstorable.extend(encoded.unstorable)
     failed = {item.name for item in encoded.unstorable}
     stored: list[StoredVariable] = []
-    for name in [*bindings, *(item.label for item in changed if item.is_variable)]:
-        if name in failed:
-            continue
-        value = namespace[name]
-        codec = PATCHED if name in encoded.patched else BOUND
-        digest = before.watch.after_digests.get(name) or value_digest(value)
-        size = encoded.sizes.get(name, 0)
-        known.remember(name, value, digest, size)
-        stored.append(StoredVariable(name, codec, qualified_type_name(value), (), digest, size))
+    try:  # digesting the values (the slow part for large ones) while their chunks are written
+        for name in [*bindings, *(item.label for item in changed if item.is_variable)]:
+            if name in failed:
+                continue
+            value = namespace[name]
+            codec = PATCHED if name in encoded.patched else BOUND
+            digest = before.watch.after_digests.get(name) or value_digest(value)
+            size = encoded.sizes.get(name, 0)
+            known.remember(name, value, digest, size)
+            stored.append(StoredVariable(name, codec, qualified_type_name(value), (), digest, size))
+    finally:
+        if written is not None:
+            written()
     stored.extend(StoredVariable(name, DELETED, "", ()) for name in deleted
                   if name not in options.exclude)
     stored.append(StoredVariable(STATE_ROW_NAME, STATE_STREAM, "", tuple(encoded.chunks),

@@ -80,10 +80,7 @@ class PayloadFiles:
         sha256 = hashlib.sha256(data).hexdigest()
         extra = also(data) if also is not None else None
         path = self.path(sha256)
-        if os.path.exists(path) and os.path.getsize(path) == data.nbytes:
-            # Touch it: gc spares files younger than its grace period, and this one is
-            # about to be referenced again.
-            os.utime(path)
+        if _already_stored(path, data.nbytes):
             return sha256, extra
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
@@ -121,8 +118,7 @@ class PayloadFiles:
             sha256, extra = digests
             assert sha256 is not None
             path = self.path(sha256)
-            if os.path.exists(path) and os.path.getsize(path) == data.nbytes:
-                os.utime(path)  # as in put: about to be referenced again
+            if _already_stored(path, data.nbytes):
                 os.remove(temporary)
                 return sha256, extra
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -283,6 +279,16 @@ class PayloadFiles:
                 target.put(memoryview(self.read(name)).cast("B"))
             count += 1
         return count
+
+
+def _already_stored(path: str, size_bytes: int) -> bool:
+    """Whether the file is there with these bytes' size (its name is their SHA-256); if so it
+    is touched: gc spares files younger than its grace period, and this one is about to be
+    referenced again."""
+    if os.path.exists(path) and os.path.getsize(path) == size_bytes:
+        os.utime(path)
+        return True
+    return False
 
 
 def intact(data: Chunk, chunk: BlobReference, index: int) -> bool:

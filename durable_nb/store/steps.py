@@ -154,21 +154,16 @@ class StepStore:
                 "SELECT workflow_id, status, count(*), sum(state_bytes), max(finished_at) "
                 "FROM steps WHERE superseded_at IS NULL GROUP BY workflow_id, status "
                 "ORDER BY workflow_id, status").fetchall()
-        summaries: dict[str, WorkflowSummary] = {}
-        for workflow_id, status, count, state_bytes, last_activity in rows:
-            before = summaries.get(workflow_id)
-            if before is None:
-                summaries[workflow_id] = WorkflowSummary(
-                    workflow_id, count, count if status == COMPLETED else 0, state_bytes,
-                    last_activity, {status: count})
-                continue
-            before.counts[status] = count
-            summaries[workflow_id] = replace(
-                before, steps=before.steps + count,
-                completed=before.completed + (count if status == COMPLETED else 0),
-                state_bytes=before.state_bytes + state_bytes,  # both NOT NULL
-                last_activity=max(before.last_activity, last_activity))
-        return list(summaries.values())
+        groups: dict[str, list[tuple[str, int, int, Any]]] = {}
+        for workflow_id, status, count, state_bytes, finished in rows:
+            groups.setdefault(workflow_id, []).append((status, count, state_bytes, finished))
+        return [WorkflowSummary(workflow_id,
+                                sum(count for _, count, _, _ in group),
+                                sum(count for status, count, _, _ in group if status == COMPLETED),
+                                sum(state_bytes for _, _, state_bytes, _ in group),
+                                max(finished for _, _, _, finished in group),
+                                {status: count for status, count, _, _ in group})
+                for workflow_id, group in groups.items()]
 
     # -- writing -----------------------------------------------------------------------
 
