@@ -9,9 +9,11 @@ table tests drive `OutputRecorder` directly, without a shell.
 from __future__ import annotations
 
 import copy
+import gc
 import re
 import sys
 import tracemalloc
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 from unittest import mock
@@ -433,3 +435,24 @@ def test_outputs_read_twice_are_equal_and_writes_after_a_read_join() -> None:
     [output] = recorder.outputs
     assert output.output["text"] == first[0]["text"] + "MORE\n"
     assert re.fullmatch(r"(\d+\n){2000}MORE\n", output.output["text"])
+
+
+def test_a_stream_kept_after_the_recording_forwards_but_keeps_no_outputs_alive(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # threading.Thread keeps the sys.stderr of its creation (pyzmq's garbage collector
+    # thread, made at a kernel's first large message, lives as long as the kernel): what
+    # the step printed must not live as long through it.
+    with recording(None) as recorder:
+        print("x" * 100_000)
+        kept = sys.stderr
+    recorded = weakref.ref(recorder)
+    [output] = recorder.outputs
+    assert output.output["text"] == "x" * 100_000 + "\n"
+    del recorder, output
+    gc.disable()  # freed at once, not by the cycle collector some time later
+    try:
+        assert recorded() is None
+    finally:
+        gc.enable()
+    kept.write("after\n")  # still forwards, records nothing
+    assert capsys.readouterr().err == "after\n"

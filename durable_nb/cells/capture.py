@@ -238,6 +238,17 @@ class OutputRecorder:
         for writer in self._writers:
             writer.joining = None
 
+    def finish(self) -> None:
+        """The recording is over: its streams only forward from now on. Something made
+        during the step may keep one (`threading.Thread` keeps the `sys.stderr` of its
+        creation, and a thread may outlive the step by much): it must not keep the step's
+        outputs alive through it."""
+        with self._lock:
+            for writer in self._writers:
+                writer.joining = None
+                writer._recorder = None
+            self._writers = []
+
 
 def _is_stream(item: StoredOutput, name: str) -> bool:
     return bool(item.output["output_type"] == "stream" and item.output["name"] == name)
@@ -249,7 +260,7 @@ class _RecordingStream:
     def __init__(self, original: TextIO, name: str, recorder: OutputRecorder) -> None:
         self._original = original
         self._name = name
-        self._recorder = recorder
+        self._recorder: OutputRecorder | None = recorder  # None once the recording is over
         self.joining: StreamText | None = None  # the output writes join; the recorder resets it
 
     def write(self, text: str) -> int:
@@ -259,7 +270,9 @@ class _RecordingStream:
             return written
         joining = self.joining
         if joining is None:
-            self._recorder.stream(self._name, text, self)
+            recorder = self._recorder
+            if recorder is not None:  # None once the recording is over
+                recorder.stream(self._name, text, self)
         else:
             # StreamText.append, inlined: a loop printing a million lines comes through here
             # four million times, and a call more is ~10% on the cell's time.
@@ -292,6 +305,7 @@ def recording(display_publisher: Any | None) -> Iterator[OutputRecorder]:
                 yield recorder
     finally:
         sys.stdout, sys.stderr = original_stdout, original_stderr
+        recorder.finish()
 
 
 @contextmanager
