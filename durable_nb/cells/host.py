@@ -64,6 +64,8 @@ class IPythonHost:
     def __init__(self, shell: Any) -> None:
         self.shell = shell
         self._cell_id: str | None = None
+        # The last cell's text (held: compared by identity) and whether it is a step.
+        self._step_cell_seen: tuple[str, bool] | None = None
         self._before_plain_cell: list[Callable[[str], None]] = []
         self._after_plain_cell: list[Callable[[str], None]] = []
         shell.events.register("pre_run_cell", self._pre_run_cell)
@@ -82,17 +84,23 @@ class IPythonHost:
         # JupyterLab and VS Code send the cell's id; nbclient and the terminal do not.
         self._cell_id = getattr(info, "cell_id", None)
         text = getattr(info, "raw_cell", "") or ""
-        if not is_step_cell(text, self.shell.input_transformer_manager):
+        if not self._is_step_cell(text):
             for callback in self._before_plain_cell:
                 callback(text)
 
     def _post_run_cell(self, result: Any) -> None:
         self._forget_formatted()
         text = getattr(result.info, "raw_cell", "") or ""
-        if is_step_cell(text, self.shell.input_transformer_manager):
+        if self._is_step_cell(text):
             return
         for callback in self._after_plain_cell:
             callback(text)
+
+    def _is_step_cell(self, text: str) -> bool:
+        """is_step_cell, asked once per cell: post_run_cell gets the text pre_run_cell got."""
+        if self._step_cell_seen is None or self._step_cell_seen[0] is not text:
+            self._step_cell_seen = (text, is_step_cell(text, self.shell.input_transformer_manager))
+        return self._step_cell_seen[1]
 
     def cell_id(self) -> str | None:
         return self._cell_id

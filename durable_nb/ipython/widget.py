@@ -94,6 +94,7 @@ class StepStatusWidget(widgets.VBox):
 
     def __init__(self, executor: DurableExecutor, **kwargs: Any) -> None:
         self._executor = executor
+        self._row_html: dict[tuple[Any, ...], str] = {}  # status.render_html's cache
         self._table = widgets.HTML()
         self.reset_bar = ResetBar(self.reset_step)
         super().__init__(children=[self._table, self.reset_bar], **kwargs)
@@ -152,7 +153,7 @@ class StepStatusWidget(widgets.VBox):
         return f"{self._title()}\n{self.summary}\n{status.render_text(self.step_rows)}"
 
     def as_html(self) -> str:
-        return status.render_html(self.step_rows, self._title(), self.summary)
+        return status.render_html(self.step_rows, self._title(), self.summary, self._row_html)
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         # The widget view for a front end with widgets; readable tables for everything

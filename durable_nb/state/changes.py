@@ -69,14 +69,17 @@ class NamespaceWatch:
         return self._before.get(name, _NOTHING) is value
 
     def changes(self, namespace: Mapping[str, Any]) -> StateChange:
-        changed, mutated = [], []
-        for name, value in namespace.items():
-            if self._before.get(name, _NOTHING) is not value:
-                if not self._is_hidden(name):
-                    changed.append(name)
-                continue
-            before = self._input_digests.get(name)
-            if before is None:
+        # One pass over the namespace, in a comprehension: it runs for every variable of
+        # the notebook at every step, most of them untouched. In the namespace's order, so
+        # that a record lists its variables in the same order in every process.
+        get = self._before.get
+        rebound = [name for name, value in namespace.items() if get(name, _NOTHING) is not value]
+        changed = [name for name in rebound if not self._is_hidden(name)]
+        mutated: list[str] = []
+        # Changed in place: only an input can be (the step reads it), still the same object.
+        for name, before in self._input_digests.items():
+            value = namespace.get(name, _NOTHING)
+            if value is _NOTHING or get(name, _NOTHING) is not value:
                 continue
             if not can_change_in_place(value) or is_opaque(before):
                 # An object that cannot be digested (a connection, a lock) is taken as

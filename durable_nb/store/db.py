@@ -371,6 +371,11 @@ class Database:
                 # threshold, while the writer holds the lock.
                 connection.execute("PRAGMA disable_checkpoint_on_shutdown")
                 connection.execute("SET checkpoint_threshold = '4MB'")
+            # The store's statements touch a row or a workflow's history: one thread runs
+            # them sooner than a pool, whose worker DuckDB wakes for each statement (~20
+            # futex calls a step, 0.2-0.5 ms of a small step's commit, more in a kernel
+            # whose other threads share the cores).
+            connection.execute("SET threads = 1")
             self._ensure_schema(connection)
         except duckdb.Error as exc:  # a damaged page met while migrating, or a pragma
             connection.close()

@@ -207,10 +207,10 @@ class SnapshotCache:
         return previous
 
     def keep(self, workflow_id: str, snapshot: Snapshot, token: Any) -> None:
-        """Keep a snapshot read or brought up to date under `token`, if the files are still
-        as they were then."""
-        if self.database.file_state() == token:
-            self._snapshots[workflow_id] = snapshot.with_token(token)
+        """Keep a snapshot read or brought up to date under `token`. No `stat` here: every
+        use compares the token with the files first (`current`, `take_replay`,
+        `take_for_commit`), so one kept after someone else committed is never served."""
+        self._snapshots[workflow_id] = snapshot.with_token(token)
 
     def clear(self) -> None:
         self._snapshots.clear()

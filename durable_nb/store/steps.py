@@ -35,6 +35,9 @@ __all__ = ["DEFAULT_INLINE_LIMIT", "GC_GRACE_SECONDS", "RecoveredWorkflow", "Rec
 log = logging.getLogger(__name__)
 
 DEFAULT_INLINE_LIMIT = 256 * 1024
+# Columns of `steps` that are NULL unless given (no DEFAULT in db.py's schema).
+NULL_BY_DEFAULT = frozenset({"error", "superseded_at", "cell_id", "outputs_file",
+                             "output_transients", "inline_data"})
 
 
 class StepStore:
@@ -209,10 +212,18 @@ class StepStore:
             untouched = previous is not None and record.sequence_number > previous.last_position
             # Under the lock: gc cannot remove them now.
             self.payloads.restore_missing(placed.payloads, record.step_name)
-            with atomic(connection):
-                stored = self._record_step_txn(connection, record, placed, supersede_from,
-                                               stale_after, untouched)
+            if untouched and supersede_from is None and stale_after is None:
+                # The new row is all this commit writes: one INSERT, which DuckDB runs as a
+                # transaction of its own and commits (its WAL fsynced) before returning,
+                # without the BEGIN and COMMIT calls. A crash before it leaves what one
+                # before COMMIT would: nothing recorded.
                 crash_point(BEFORE_COMMIT, record.step_name)
+                stored = self._record_step_txn(connection, record, placed, None, None, True)
+            else:
+                with atomic(connection):
+                    stored = self._record_step_txn(connection, record, placed, supersede_from,
+                                                   stale_after, untouched)
+                    crash_point(BEFORE_COMMIT, record.step_name)
             crash_point(AFTER_COMMIT, record.step_name)
             if previous is not None:
                 snapshot = previous.after_commit(stored, outputs, placed.read_back(stored),
@@ -325,7 +336,11 @@ class StepStore:
         values = {**row_from_record(stored), **placed.columns()}
         values["signature"] = self.signer.sign([values[column] for column in SIGNED_COLUMNS],
                                                placed.inline_data)
-        connection.execute(insert_sql("steps", list(values)), list(values.values()))
+        # A column left NULL is left out of the INSERT (its default is NULL): DuckDB's
+        # INSERT costs ~0.02 ms for each column it names.
+        given = {column: value for column, value in values.items()
+                 if value is not None or column not in NULL_BY_DEFAULT}
+        connection.execute(insert_sql("steps", list(given)), list(given.values()))
         return stored
 
     @staticmethod
@@ -365,12 +380,12 @@ class StepStore:
                   item.function_digest, item.total, placed.variables_json]
         with self.database.connect() as connection:
             self.payloads.restore_missing(placed.payloads, item.step_name)
-            with atomic(connection):
-                connection.execute(
-                    insert_sql("step_items", ITEM_SIGNED_COLUMNS + (
-                        "finished_at", "duration_seconds", "inline_data", "signature"), replace=True),
-                    [*fields, utc_now(), item.duration_seconds, placed.inline_data,
-                     self.signer.sign(["item", *fields], placed.inline_data)])
+            # One statement: DuckDB commits it (its WAL fsynced) as a transaction of its own.
+            connection.execute(
+                insert_sql("step_items", ITEM_SIGNED_COLUMNS + (
+                    "finished_at", "duration_seconds", "inline_data", "signature"), replace=True),
+                [*fields, utc_now(), item.duration_seconds, placed.inline_data,
+                 self.signer.sign(["item", *fields], placed.inline_data)])
 
     def read_items(self, workflow_id: str, step_name: str) -> dict[int, StoredItem]:
         """The recorded items of a step's map that this user's kernels signed, by index."""

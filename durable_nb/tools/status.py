@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Iterable, Sequence, TypedDict
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, TypedDict
 
 from ..records import COMPLETED, FAILED, STALE  # as stored: durable-nb status shows them
 
@@ -189,12 +189,29 @@ def render_text(rows: Sequence[StepRow]) -> str:
     return "\n".join(lines)
 
 
-def render_html(rows: Sequence[StepRow], title: str, summary: str) -> str:
-    """The table as HTML with inline styles: readable in JupyterLab, nbconvert and a browser."""
-    cell_style = "padding:2px 10px;border-bottom:1px solid #e0e0e0;white-space:nowrap"
+_CELL_STYLE = "padding:2px 10px;border-bottom:1px solid #e0e0e0;white-space:nowrap"
+
+
+def render_html(rows: Sequence[StepRow], title: str, summary: str,
+                row_cache: dict[tuple[Any, ...], str] | None = None) -> str:
+    """The table as HTML with inline styles: readable in JupyterLab, nbconvert and a browser.
+
+    `row_cache` (the live widget's) holds each row's HTML by the row's values, kept for the
+    rows of this table only: an update re-renders the rows that changed, not the history."""
+    cell_style = _CELL_STYLE
     header = "".join(f'<th style="{cell_style};text-align:{_css_align(align)}">{html.escape(name)}</th>'
                      for name, align in COLUMNS)
-    body = "".join(_html_row(row, cell_style) for row in rows)
+    if row_cache is None:
+        body = "".join(_html_row(row, cell_style) for row in rows)
+    else:
+        rendered: dict[tuple[Any, ...], str] = {}
+        for row in rows:
+            key = tuple(row.items())
+            text = rendered.get(key) or row_cache.get(key)
+            rendered[key] = text if text is not None else _html_row(row, cell_style)
+        body = "".join(rendered[tuple(row.items())] for row in rows)
+        row_cache.clear()
+        row_cache.update(rendered)
     return (f'<div class="durable-nb-status" style="font-size:13px">'
             f'<div class="durable-nb-title" style="font-weight:600">{html.escape(title)}</div>'
             f'<div class="durable-nb-summary" style="margin:2px 0 6px">{html.escape(summary)}</div>'
