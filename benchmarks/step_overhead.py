@@ -19,9 +19,12 @@ durable_nb's own handlers included; see kernel.py). The kernel's step events che
 step executed, then replayed.
 
     python benchmarks/step_overhead.py [--steps 1000] [--quick] [--profile] [--one-variable]
+                                       [--status]
 
 --profile adds cProfile listings from inside the kernel; --one-variable makes every step bind
-`x` instead of `xN`, so that only the history grows, not the namespace.
+`x` instead of `xN`, so that only the history grows, not the namespace; --status shows the
+status widget (`%durable_status`) in both runs, so that every step also updates it (its
+messages go out as to a front end).
 
 Targets: an executed step costs at most 5 ms over the same cell run plainly (median, round
 trip); flat: the median of steps 981-1000 is within 10% of steps 1-20; a replayed step
@@ -80,8 +83,12 @@ class Timings:
         return self
 
 
+SHOW_STATUS = False  # --status
+
+
 def open_workflow(kernel: BenchKernel, store: str) -> None:
-    kernel.run(f"%load_ext durable_nb\n%durable_workflow {WORKFLOW} --db {store}")
+    kernel.run(f"%load_ext durable_nb\n%durable_workflow {WORKFLOW} --db {store}"
+               + ("\n%durable_status" if SHOW_STATUS else ""))
     kernel.clock_last()
     kernel.listen_to_steps()
 
@@ -123,10 +130,13 @@ def main() -> int:
     parser.add_argument("--one-variable", action="store_true",
                         help="every step binds `x` instead of `xN`: the namespace stays small, "
                              "only the history grows")
+    parser.add_argument("--status", action="store_true",
+                        help="show the status widget, which every step then updates")
     arguments = parser.parse_args()
-    global VARIABLE
+    global VARIABLE, SHOW_STATUS
     if arguments.one_variable:
         VARIABLE = "x"
+    SHOW_STATUS = arguments.status
     steps = 100 if arguments.quick else arguments.steps
     if steps < 2 * WINDOW:
         parser.error(f"--steps must be at least {2 * WINDOW}")
@@ -181,7 +191,8 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"durable_nb step overhead through a real kernel: {steps} trivial cells "
-          f"(`{VARIABLE.format(n='N')} = N` + a print), plain and as steps; times per cell in ms")
+          f"(`{VARIABLE.format(n='N')} = N` + a print), plain and as steps; times per cell in ms"
+          + ("; the status widget shown, updated by every step" if SHOW_STATUS else ""))
     print("round trip = request to reply and idle, outputs received (what a front end waits); "
           "in kernel = pre_run_cell to post_run_cell")
     print(f"{'':<50}{SPREAD_HEADER}")

@@ -129,8 +129,13 @@ def test_interrupts_across_a_slow_commit_are_reported_truthfully_and_replay_iff_
     kernel.start()
     try:
         run_ok(kernel, SETUP_CELL)
-        run_ok(kernel, "%durable_workflow calibration")
-        step_seconds = run_ok(kernel, step_cell("calibration", 1)).seconds
+        calibrations = []
+        for index in range(3):
+            run_ok(kernel, f"%durable_workflow calibration-{index}")
+            calibrations.append(run_ok(kernel, step_cell(f"calibration-{index}", index + 1)).seconds)
+        # The shortest: writing new files here takes 2-10 times longer when the virtual
+        # machine's host must back fresh memory, so one run can take several times another.
+        step_seconds = min(calibrations)
         generator = random.Random(SEED)
         # One delay in each slice of the step's duration, in random order. Not past its end:
         # an interrupt that lands in ipykernel's own work between the cell's end and its

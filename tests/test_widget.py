@@ -44,18 +44,21 @@ def html_statuses(page: str) -> list[tuple[str, str]]:
 
 
 def statuses(widget: StepStatusWidget) -> list[tuple[str, str]]:
-    """(name, status) of each row, as the model state a front end would receive."""
-    return [(row["name"], row["status"]) for row in widget.get_state()["rows"]]
+    """(name, status) of each row, as a front end receives them: the HTML of the table's
+    pages in their models' state, in the order the table's box shows them."""
+    [table, _] = widget.children
+    return html_statuses("".join(page.get_state()["value"] for page in table.children))
 
 
 def test_rows_follow_steps_as_they_execute_and_fail(session: NotebookSession, magics: Any) -> None:
     widget = magics.status_widget
-    assert widget.get_state()["rows"] == [] and widget.summary == "no steps recorded yet"
+    assert widget.rows == [] and statuses(widget) == []
+    assert widget.summary == "no steps recorded yet"
     session.ok("%%durable_step load\nimport time\ntime.sleep(0.05)\nrows = list(range(1000))")
     assert statuses(widget) == [("load", "executed")]
     session.run("%%durable_step broken\nraise ValueError('bad column')")
     assert statuses(widget) == [("load", "executed"), ("broken", "failed")]
-    load, broken = widget.get_state()["rows"]
+    load, broken = widget.rows
     assert load["executed_seconds"] >= 0.05 and load["state_bytes"] > 1000
     assert load["recorded_at"] and load["reason"] == "new step" and load["attempts"] == 1
     assert broken["executed_seconds"] is not None and broken["replay_seconds"] is None
@@ -72,7 +75,7 @@ def test_after_a_restart_steps_are_pending_then_replay_with_the_time_saved(
     assert statuses(widget) == [("slow", "pending"), ("quick", "pending")]
     session.ok(slow)
     assert statuses(widget) == [("slow", "replayed"), ("quick", "pending")]
-    replayed = widget.get_state()["rows"][0]
+    replayed = widget.rows[0]
     assert replayed["replay_seconds"] < 0.3 <= replayed["executed_seconds"]
     assert replayed["saved_seconds"] == pytest.approx(
         replayed["executed_seconds"] - replayed["replay_seconds"])
@@ -126,7 +129,7 @@ def test_a_retried_step_shows_each_attempt_and_the_count(session: NotebookSessio
         magics.executor.remove_listener(look)
     assert seen == [("flaky", "running"), ("flaky", "failed"), ("flaky", "running"),
                     ("flaky", "executed")]
-    [row] = widget.get_state()["rows"]
+    [row] = widget.rows
     assert (row["status"], row["attempts"]) == ("executed", 2)
 
 
@@ -264,3 +267,28 @@ def test_reset_magic_drops_the_forgotten_rows_from_a_widget_on_screen(session: N
     assert [row["name"] for row in widget.rows] == ["a", "b"]
     session.ok("%durable_reset b")
     assert [row["name"] for row in widget.rows] == ["a"]
+
+
+def test_a_step_s_update_sends_only_its_page_of_a_long_history(session: NotebookSession,
+                                                               magics: Any) -> None:
+    # The table is sent in pages: an update must not re-send the whole history, or each step
+    # of a long workflow would cost more than the one before.
+    widget = magics.status_widget
+    size = StepStatusWidget.PAGE_ROWS
+    for n in range(1, 3 * size + 1):
+        session.ok(f"%%durable_step s{n}\nx{n} = {n}")
+    [table, _] = widget.children
+    pages = list(table.children[1:])
+    assert len(pages) == 3
+    assert statuses(widget) == [(f"s{n}", "executed") for n in range(1, 3 * size + 1)]
+    changed: list[int] = []
+    for number, page in enumerate(pages):
+        page.observe(lambda change, number=number: changed.append(number), "value")
+    session.ok(f"%%durable_step s{3 * size + 1}\nx = 1")  # the first row of a new page
+    assert changed == [] and len(table.children) == 1 + 4
+    new_page = table.children[-1]
+    new_page.observe(lambda change: changed.append(3), "value")
+    session.ok(f"%%durable_step s{3 * size + 2}\nx = 2")  # running, then executed
+    assert changed == [3, 3]
+    assert statuses(widget)[-2:] == [(f"s{3 * size + 1}", "executed"),
+                                     (f"s{3 * size + 2}", "executed")]

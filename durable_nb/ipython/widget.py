@@ -9,10 +9,10 @@ as a text or HTML table through the ordinary display mime bundle.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 import ipywidgets as widgets
-from traitlets import Dict, List, Unicode, observe
+from traitlets import List, Unicode, observe
 
 from ..tools import status
 from ..errors import DurableError, WorkflowNotNamedError
@@ -81,12 +81,18 @@ class ResetBar(widgets.HBox):
 
 
 class StepStatusWidget(widgets.VBox):
-    """Every step of the current workflow with its status, timings and size, live."""
+    """Every step of the current workflow with its status, timings and size, live.
+
+    An update costs the same however long the history is: the table is shown in pages of
+    PAGE_ROWS rows, each its own HTML widget, and an event re-renders and sends only the
+    page its step is on (a 1,000-step history sent whole twice per step took longer than
+    the steps). The rows themselves stay in the kernel (`rows`).
+    """
+
+    PAGE_ROWS = 50
 
     workflow_id = Unicode(
         "", help="The workflow whose steps are shown ('' before one is named).").tag(sync=True)
-    rows = List(
-        Dict(), help="One dict per step, in sequence order: see durable_nb.tools.status.StepRow.").tag(sync=True)
     summary = Unicode(
         "", help="'7 steps: 5 replayed (saved 12 min), 1 executed, 1 pending'.").tag(sync=True)
     notice = Unicode(
@@ -94,12 +100,23 @@ class StepStatusWidget(widgets.VBox):
 
     def __init__(self, executor: DurableExecutor, **kwargs: Any) -> None:
         self._executor = executor
-        self._row_html: dict[tuple[Any, ...], str] = {}  # status.render_html's cache
-        self._table = widgets.HTML()
+        self._rows: list[status.StepRow] = []  # in sequence order
+        self._rows_html: list[str] = []  # each row rendered, beside it
+        self._index: dict[int, int] = {}  # sequence number -> position in _rows
+        self._head = widgets.HTML()
+        self._pages: list[widgets.HTML] = []
+        self._table = widgets.VBox([self._head])
         self.reset_bar = ResetBar(self.reset_step)
         super().__init__(children=[self._table, self.reset_bar], **kwargs)
         self.refresh()
         executor.add_listener(self._on_event)
+
+    @property
+    def rows(self) -> list[status.StepRow]:
+        """One dict per step, in sequence order (a copy)."""
+        return list(self._rows)
+
+    step_rows = rows
 
     def refresh(self) -> None:
         """Reload the rows from the executor's history, as at the start of a run: steps
@@ -107,13 +124,15 @@ class StepStatusWidget(widgets.VBox):
         try:
             workflow_id = self._executor.workflow_id
         except WorkflowNotNamedError:
-            self.workflow_id, self.rows = "", []
+            self.workflow_id, self.notice = "", ""
+            self._show_rows([])
             return
         self.workflow_id = workflow_id
         try:
             history = self._executor.history()
         except DurableError as exc:  # a display must not break the notebook: say why, go on
-            self.notice, self.rows = f"Cannot read the history: {exc}", []
+            self.notice = f"Cannot read the history: {exc}"
+            self._show_rows([])
             return
         self.notice = ""
         self._show_rows(status.session_rows(history))
@@ -139,21 +158,15 @@ class StepStatusWidget(widgets.VBox):
         except ValueError:
             pass
         self.reset_bar.close()
-        self._table.close()
+        for part in (self._head, *self._pages, self._table):
+            part.close()
         super().close()
 
-    @property
-    def step_rows(self) -> list[status.StepRow]:
-        return cast("list[status.StepRow]", self.rows)
-
-    def _show_rows(self, rows: list[status.StepRow]) -> None:
-        self.rows = [dict(row) for row in rows]
-
     def as_text(self) -> str:
-        return f"{self._title()}\n{self.summary}\n{status.render_text(self.step_rows)}"
+        return f"{self._title()}\n{self.summary}\n{status.render_text(self._rows)}"
 
     def as_html(self) -> str:
-        return status.render_html(self.step_rows, self._title(), self.summary, self._row_html)
+        return status.render_html(self._rows, self._title(), self.summary)
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         # The widget view for a front end with widgets; readable tables for everything
@@ -167,13 +180,21 @@ class StepStatusWidget(widgets.VBox):
         if event.workflow_id != self.workflow_id:
             self.refresh()
         if event.status == "reset":  # %durable_reset, or a Reset button of any view
-            self._show_rows([row for row in self.step_rows
+            self._show_rows([row for row in self._rows
                              if row["sequence_number"] < event.sequence_number])
             return
-        rows = status.apply_event(self.step_rows, event)
-        if event.status == status.EXECUTED and rows[-1]["sequence_number"] > event.sequence_number:
-            rows = self._stale_marked(rows, event.sequence_number)
-        self._show_rows(rows)
+        position = self._index.get(event.sequence_number)
+        later = bool(self._rows) and self._rows[-1]["sequence_number"] > event.sequence_number
+        if event.status == status.EXECUTED and later:
+            # Executing again may have made the recorded steps after it stale.
+            self._show_rows(self._stale_marked(status.apply_event(self._rows, event),
+                                               event.sequence_number))
+        elif position is not None and self._rows[position]["name"] == event.step_name:
+            self._set_row(position, status.row_from_event(event))  # the usual update
+        elif position is None and not later:
+            self._set_row(len(self._rows), status.row_from_event(event))  # a new last step
+        else:  # another step took this position: the history diverged
+            self._show_rows(status.apply_event(self._rows, event))
 
     def _stale_marked(self, rows: list[status.StepRow], after: int) -> list[status.StepRow]:
         # Only when steps follow the one that executed: the history read costs a connection.
@@ -183,11 +204,51 @@ class StepStatusWidget(widgets.VBox):
             log.warning("durable_nb status: cannot read which steps are stale: %s", exc)
             return rows
 
-    @observe("rows", "workflow_id", "notice")
-    def _render(self, change: dict[str, Any]) -> None:
-        self.summary = status.summarize(self.step_rows)
-        self._table.value = self.as_html()
-        self.reset_bar.steps = [row["name"] for row in self.step_rows]
+    def _set_row(self, position: int, row: status.StepRow) -> None:
+        """Show `row` at `position` (the end: a new row); only its page is sent."""
+        if position == len(self._rows):
+            self._rows.append(row)
+            self._rows_html.append(status.html_row(row))
+            self._index[row["sequence_number"]] = position
+            self.reset_bar.steps = [*self.reset_bar.steps, row["name"]]
+        else:
+            self._rows[position] = row
+            self._rows_html[position] = status.html_row(row)
+        page = position // self.PAGE_ROWS
+        self._render(range(page, page + 1))
+
+    def _show_rows(self, rows: list[status.StepRow]) -> None:
+        self._rows = [status.StepRow(**row) for row in rows]
+        self._rows_html = [status.html_row(row) for row in self._rows]
+        self._index = {row["sequence_number"]: position for position, row in enumerate(self._rows)}
+        self.reset_bar.steps = [row["name"] for row in self._rows]
+        self._render(range(self._page_count()))
+
+    @observe("workflow_id", "notice")
+    def _heading_changed(self, change: dict[str, Any]) -> None:
+        self._head.value = status.render_html_head(self._title(), self.summary)
+
+    def _page_count(self) -> int:
+        return max(1, -(-len(self._rows) // self.PAGE_ROWS))
+
+    def _render(self, numbers: range) -> None:
+        """Bring the summary and these pages up to date (a page whose HTML is unchanged
+        sends nothing: traitlets compares the values), and drop pages past the last row."""
+        self.summary = status.summarize(self._rows)
+        self._head.value = status.render_html_head(self._title(), self.summary)
+        size, pages = self.PAGE_ROWS, self._page_count()
+        for number in numbers:
+            value = status.render_html_table(self._rows_html[number * size:(number + 1) * size],
+                                             header=number == 0, fixed=True)
+            if number < len(self._pages):
+                self._pages[number].value = value
+            else:
+                self._pages.append(widgets.HTML(value))
+        if len(self._pages) != pages or len(self._table.children) != pages + 1:
+            for page in self._pages[pages:]:
+                page.close()
+            del self._pages[pages:]
+            self._table.children = [self._head, *self._pages]
 
     def _title(self) -> str:
         if not self.workflow_id:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterable, Sequence, TypedDict
+from typing import TYPE_CHECKING, Iterable, Sequence, TypedDict
 
 from ..records import COMPLETED, FAILED, STALE  # as stored: durable-nb status shows them
 
@@ -85,7 +85,7 @@ def apply_event(rows: Sequence[StepRow], event: StepEvent) -> list[StepRow]:
         # Another step took this position: the history diverged, and the executor
         # supersedes that row and every later one.
         kept = [row for row in kept if row["sequence_number"] < event.sequence_number]
-    kept.append(_row_from_event(event))
+    kept.append(row_from_event(event))
     return sorted(kept, key=lambda row: row["sequence_number"])
 
 
@@ -102,7 +102,8 @@ def mark_stale(rows: Sequence[StepRow], history: Iterable[StepRecord],
             for row in rows]
 
 
-def _row_from_event(event: StepEvent) -> StepRow:
+def row_from_event(event: StepEvent) -> StepRow:
+    """The row an executor event shows."""
     if event.status == RUNNING or event.record is None:
         return StepRow(sequence_number=event.sequence_number, name=event.step_name,
                        status=event.status, attempts=event.attempt,
@@ -190,36 +191,47 @@ def render_text(rows: Sequence[StepRow]) -> str:
 
 
 _CELL_STYLE = "padding:2px 10px;border-bottom:1px solid #e0e0e0;white-space:nowrap"
+# Column widths for tables that must line up with each other (the live widget shows its
+# rows in pages, one table each), in characters; the last column takes what is left.
+_FIXED_WIDTHS = ("5ch", "22ch", "10ch", "9ch", "9ch", "9ch", "9ch", "10ch", "20ch")
 
 
-def render_html(rows: Sequence[StepRow], title: str, summary: str,
-                row_cache: dict[tuple[Any, ...], str] | None = None) -> str:
-    """The table as HTML with inline styles: readable in JupyterLab, nbconvert and a browser.
-
-    `row_cache` (the live widget's) holds each row's HTML by the row's values, kept for the
-    rows of this table only: an update re-renders the rows that changed, not the history."""
-    cell_style = _CELL_STYLE
-    header = "".join(f'<th style="{cell_style};text-align:{_css_align(align)}">{html.escape(name)}</th>'
-                     for name, align in COLUMNS)
-    if row_cache is None:
-        body = "".join(_html_row(row, cell_style) for row in rows)
-    else:
-        rendered: dict[tuple[Any, ...], str] = {}
-        for row in rows:
-            key = tuple(row.items())
-            text = rendered.get(key) or row_cache.get(key)
-            rendered[key] = text if text is not None else _html_row(row, cell_style)
-        body = "".join(rendered[tuple(row.items())] for row in rows)
-        row_cache.clear()
-        row_cache.update(rendered)
+def render_html(rows: Sequence[StepRow], title: str, summary: str) -> str:
+    """The table as HTML with inline styles: readable in JupyterLab, nbconvert and a browser."""
     return (f'<div class="durable-nb-status" style="font-size:13px">'
-            f'<div class="durable-nb-title" style="font-weight:600">{html.escape(title)}</div>'
-            f'<div class="durable-nb-summary" style="margin:2px 0 6px">{html.escape(summary)}</div>'
-            f'<table class="durable-nb-steps" style="border-collapse:collapse">'
-            f"<thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></div>")
+            f"{render_html_head(title, summary)}{render_html_table(html_row(row) for row in rows)}"
+            "</div>")
 
 
-def _html_row(row: StepRow, cell_style: str) -> str:
+def render_html_head(title: str, summary: str) -> str:
+    """The title and summary lines above the table."""
+    return (f'<div class="durable-nb-title" style="font-weight:600">{html.escape(title)}</div>'
+            f'<div class="durable-nb-summary" style="margin:2px 0 6px">{html.escape(summary)}</div>')
+
+
+def render_html_table(rows_html: Iterable[str], *, header: bool = True,
+                      fixed: bool = False) -> str:
+    """A table of rows rendered by `html_row`; `fixed` column widths line it up with other
+    such tables (a page of the live widget)."""
+    cell_style = _CELL_STYLE
+    style = "border-collapse:collapse"
+    columns = ""
+    if fixed:
+        style += ";table-layout:fixed;width:max(100%, 140ch)"
+        columns = "<colgroup>" + "".join(f'<col style="width:{width}">' for width in _FIXED_WIDTHS) \
+            + "<col></colgroup>"
+    head = ""
+    if header:
+        head = "<thead><tr>" + "".join(
+            f'<th style="{cell_style};text-align:{_css_align(align)}">{html.escape(name)}</th>'
+            for name, align in COLUMNS) + "</tr></thead>"
+    return (f'<table class="durable-nb-steps" style="{style}">{columns}{head}'
+            f"<tbody>{''.join(rows_html)}</tbody></table>")
+
+
+def html_row(row: StepRow) -> str:
+    """One row of the HTML table."""
+    cell_style = _CELL_STYLE
     values = cells(row)
     colour = _STATUS_COLOURS.get(row["status"], "#424242")
     tds = []
@@ -229,7 +241,11 @@ def _html_row(row: StepRow, cell_style: str) -> str:
             style += f";color:{colour};font-weight:600"
         if name == "why it executed":
             style += ";white-space:normal"
-        tds.append(f'<td class="durable-nb-{_css_name(name)}" style="{style}">{html.escape(value)}</td>')
+        elif name == "step":  # a long name is cut in a fixed-width column: all of it on hover
+            style += ";overflow:hidden;text-overflow:ellipsis"
+        hover = f' title="{html.escape(value)}"' if name == "step" else ""
+        tds.append(f'<td class="durable-nb-{_css_name(name)}" style="{style}"{hover}>'
+                   f"{html.escape(value)}</td>")
     return (f'<tr data-step="{html.escape(row["name"])}" data-status="{html.escape(row["status"])}">'
             + "".join(tds) + "</tr>")
 
