@@ -74,7 +74,7 @@ del handle, _started
 # from durable_nb, so no step records them).
 WRITE_AHEAD_SETUP = ("from durable_nb.store.steps import StepStore as _StepStore\n"
                      "_StepStore._benchmark_write_ahead = _StepStore.write_ahead")
-WRITE_AHEAD_OFF = "_StepStore.write_ahead = lambda self, chunks, step_name, hashes: (lambda: None)"
+WRITE_AHEAD_OFF = "_StepStore.write_ahead = lambda self, chunks, step_name: (lambda: None)"
 WRITE_AHEAD_ON = "_StepStore.write_ahead = _StepStore._benchmark_write_ahead"
 
 

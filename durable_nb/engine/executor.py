@@ -361,7 +361,7 @@ class DurableExecutor:
         step_name, decision = execution.step_name, execution.decision
         stored, unstorable = recording.encode(
             namespace, before, execution.options, self.session.inputs.known,
-            write_ahead=lambda chunks, hashes: self.store.write_ahead(chunks, step_name, hashes))
+            write_ahead=lambda chunks: self.store.write_ahead(chunks, step_name))
         unrestorable = {item.name: item.reason for item in unstorable}
         if decision.invalidates_later and recording.same_result(
                 self.store, decision.record, outputs, stored, unrestorable):

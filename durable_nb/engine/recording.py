@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Mapping, Sequence
 
-from ..buffer_hashes import BufferHashes
 from ..cells.cell import CompiledCell
 from ..options import StepOptions
 from ..records import (BOUND, COMPLETED, DELETED, FAILED, PATCHED, STATE_ROW_NAME, STATE_STREAM,
@@ -120,12 +119,11 @@ class Before:
 
 def encode(namespace: dict[str, Any], before: Before, options: StepOptions,
            known: state.KnownDigests,
-           write_ahead: Callable[[Sequence[Any], BufferHashes], Callable[[], None]] | None = None
+           write_ahead: Callable[[Sequence[Any]], Callable[[], None]] | None = None
            ) -> tuple[list[StoredVariable], list[Unstorable]]:
     """The step's state as rows: one per variable it bound, changed or deleted, and the
-    stream that holds them (see codec.py). `write_ahead` starts writing and hashing the
-    stream's large chunks while the values are digested here, and the digests take those
-    hashes rather than hash the same memory again (StepStore.write_ahead)."""
+    stream that holds them (see codec.py). `write_ahead` starts writing the stream's large
+    chunks while the values are digested here (StepStore.write_ahead)."""
     change = before.watch.changes(namespace)
     ambient_changes = ambient.changes(before.ambient, ambient.snapshot())
     names = change.changed if options.variables is None else options.variables
@@ -153,8 +151,7 @@ def encode(namespace: dict[str, Any], before: Before, options: StepOptions,
         if id(value) not in taken and value is not namespace:
             changed.append(ChangedInPlace(describe(path), value, is_variable=False))
     encoded = encode_state(before.live, bindings, changed, ambient_changes)
-    hashes = BufferHashes()
-    written = write_ahead(encoded.chunks, hashes) if write_ahead is not None else None
+    written = write_ahead(encoded.chunks) if write_ahead is not None else None
     unstorable.extend(encoded.unstorable)
     failed = {item.name for item in encoded.unstorable}
     stored: list[StoredVariable] = []
@@ -164,7 +161,7 @@ def encode(namespace: dict[str, Any], before: Before, options: StepOptions,
                 continue
             value = namespace[name]
             codec = PATCHED if name in encoded.patched else BOUND
-            digest = before.watch.after_digests.get(name) or value_digest(value, hashes)
+            digest = before.watch.after_digests.get(name) or value_digest(value)
             size = encoded.sizes.get(name, 0)
             known.remember(name, value, digest, size)
             stored.append(StoredVariable(name, codec, qualified_type_name(value), (), digest, size))

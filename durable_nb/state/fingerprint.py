@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from ..buffer_hashes import LARGE_BUFFER_BYTES, BufferHashes, sha256_hex
 from ..records import OPAQUE_PREFIX
 
 
@@ -34,13 +33,13 @@ def code_fingerprint(source: str) -> str:
     return hashlib.sha256(normalised.encode()).hexdigest()
 
 
-def value_digest(value: Any, hashes: BufferHashes | None = None) -> str:
+def value_digest(value: Any) -> str:
     """A content digest, equal in any kernel process and for a value's restored copy;
     `type:module.Class` when the value cannot be pickled (a connection, a lock)."""
-    return sized_digest(value, hashes)[0]
+    return sized_digest(value)[0]
 
 
-def sized_digest(value: Any, hashes: BufferHashes | None = None) -> tuple[str, int]:
+def sized_digest(value: Any) -> tuple[str, int]:
     """`value_digest`, and how many bytes it hashed (what hashing the value again costs).
 
     SHA-256 over a cloudpickle (protocol 5) of the value, with these parts made stable:
@@ -50,17 +49,15 @@ def sized_digest(value: Any, hashes: BufferHashes | None = None) -> tuple[str, i
       which is randomised per process); a dict keyed by its values' addresses
       (`{id(node): node}`) counts by its values;
     - a numpy array counts by dtype, shape and contents (not memory layout), its memory
-      hashed in place, never copied into the pickle; memory of LARGE_BUFFER_BYTES and more
-      counts by its SHA-256, which names its payload file too (`hashes` has the ones the
-      step's payload writer computes); a masked array by data, mask and fill;
+      hashed in place, never copied into the pickle; a masked array by data, mask and fill;
       a pandas frame or series by its labels, dtypes and pandas' hash of its rows;
     - which equal parts are one object does not count (a restored copy shares strings and
       dtypes differently): the pickle is written without its memo, except for a value with
       a cycle, where only strings are written in full.
     """
-    digest = _CountingHash(hashes)
+    digest = _CountingHash()
     stream = io.BytesIO()
-    pickler = _DigestPickler(stream, protocol=5, buffer_callback=out_of_band(digest.update_buffer))
+    pickler = _DigestPickler(stream, protocol=5, buffer_callback=out_of_band(digest.update))
     pickler.fast = True  # no memo: each part is written in full wherever it occurs
     try:
         try:
@@ -70,9 +67,8 @@ def sized_digest(value: Any, hashes: BufferHashes | None = None) -> tuple[str, i
             # cycle of reduced objects (a method's `__class__` cell refers back to its class).
             if "cyclic" not in str(exc) and "recursion" not in str(exc):
                 raise
-            digest, stream = _CountingHash(hashes), io.BytesIO()
-            _DigestPickler(stream, protocol=5,
-                           buffer_callback=out_of_band(digest.update_buffer)).dump(value)
+            digest, stream = _CountingHash(), io.BytesIO()
+            _DigestPickler(stream, protocol=5, buffer_callback=out_of_band(digest.update)).dump(value)
             _hash_with_strings_in_full(stream.getvalue(), digest)
         else:
             digest.update(stream.getvalue())
@@ -83,23 +79,13 @@ def sized_digest(value: Any, hashes: BufferHashes | None = None) -> tuple[str, i
 
 
 class _CountingHash:
-    def __init__(self, hashes: BufferHashes | None) -> None:
+    def __init__(self) -> None:
         self._hash = hashlib.sha256()
-        self._hashes = hashes
         self.count = 0
 
     def update(self, data: Any) -> None:
         self._hash.update(data)
         self.count += memoryview(data).nbytes
-
-    def update_buffer(self, data: memoryview) -> None:
-        """An out-of-band buffer: a large one by its SHA-256, the payload file's name."""
-        if data.nbytes < LARGE_BUFFER_BYTES:
-            self.update(data)
-            return
-        sha256 = self._hashes.sha256(data) if self._hashes is not None else sha256_hex(data)
-        self._hash.update(b"sha256:" + sha256.encode())
-        self.count += data.nbytes
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()

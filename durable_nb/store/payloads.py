@@ -14,6 +14,7 @@ may go is the store's (steps.py).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import mmap
 import os
@@ -23,7 +24,6 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
-from ..buffer_hashes import LARGE_BUFFER_BYTES, BufferHashes, sha256_hex
 from ..crash_points import BEFORE_PAYLOAD_FSYNC, crash_point
 from ..errors import PayloadCorruptError
 from ..records import BlobReference, Chunk, StoredVariable
@@ -43,7 +43,7 @@ _PARTIAL_PREFIX = ".partial-"
 # From this size, the bytes are hashed on a second thread while they are written (hashlib
 # and file writes both let go of the GIL): the hash then costs nothing on two cores. Below
 # it, a thread costs more than it saves.
-HASH_WHILE_WRITING_FROM = LARGE_BUFFER_BYTES
+HASH_WHILE_WRITING_FROM = 4 * 1024 * 1024
 
 
 class PayloadFiles:
@@ -77,14 +77,14 @@ class PayloadFiles:
                 return ahead[1], ahead[2] if also is not None else None
         if data.nbytes >= HASH_WHILE_WRITING_FROM:
             return self._put_hashing_while_writing(data, step_name, also)
-        sha256 = sha256_hex(data)
+        sha256 = hashlib.sha256(data).hexdigest()
         extra = also(data) if also is not None else None
         path = self.path(sha256)
         if _already_stored(path, data.nbytes):
             return sha256, extra
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
-        temporary, _ = self._write_partial(data, directory, step_name)
+        temporary = self._write_partial(data, directory, step_name)
         self._rename_into_place(temporary, path)
         return sha256, extra
 
@@ -94,12 +94,13 @@ class PayloadFiles:
         """`put` for large bytes: the name is not known until the hash is, so they go to a
         partial file first. Bytes already stored (a value recorded unchanged) are then
         written once more and dropped: the price of not hashing before writing."""
-        digests: list[str] = []
+        digests: list[str | None] = []
         failures: list[BaseException] = []
 
         def hash_them() -> None:
             try:
-                digests.append(sha256_hex(data))
+                digests.append(hashlib.sha256(data).hexdigest())
+                digests.append(also(data) if also is not None else None)
             except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
                 failures.append(exc)
 
@@ -108,47 +109,40 @@ class PayloadFiles:
         hashing.start()
         os.makedirs(self.directory, exist_ok=True)
         try:
-            temporary, extra = self._write_partial(data, self.directory, step_name, also)
+            temporary = self._write_partial(data, self.directory, step_name)
         finally:
             hashing.join()
         try:
             if failures:
                 raise failures[0]
-            self._place(temporary, digests[0], data.nbytes)
-        except BaseException:
-            if os.path.exists(temporary):
+            sha256, extra = digests
+            assert sha256 is not None
+            path = self.path(sha256)
+            if _already_stored(path, data.nbytes):
                 os.remove(temporary)
-            raise
-        return digests[0], extra
-
-    def _place(self, temporary: str, sha256: str, size_bytes: int) -> None:
-        """A fsynced partial file renamed to its name, or dropped if the same bytes are
-        stored already."""
-        path = self.path(sha256)
-        if _already_stored(path, size_bytes):
+                return sha256, extra
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except BaseException:
             os.remove(temporary)
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+            raise
         self._rename_into_place(temporary, path)
+        return sha256, extra
 
     @staticmethod
-    def _write_partial(data: memoryview, directory: str, step_name: str,
-                       also: Callable[[memoryview], str] | None = None) -> tuple[str, str | None]:
-        """The bytes in a new partial file in `directory`, fsynced; returns its path, and
-        `also(data)`, computed while the disk takes the bytes."""
+    def _write_partial(data: memoryview, directory: str, step_name: str) -> str:
+        """The bytes in a new partial file in `directory`, fsynced; returns its path."""
         handle, temporary = tempfile.mkstemp(dir=directory, prefix=_PARTIAL_PREFIX)
         try:
             with os.fdopen(handle, "wb") as stream:
                 stream.write(data)
                 stream.flush()
-                extra = also(data) if also is not None else None
                 crash_point(BEFORE_PAYLOAD_FSYNC, step_name)
                 os.fsync(stream.fileno())
         except BaseException:
             if os.path.exists(temporary):
                 os.remove(temporary)
             raise
-        return temporary, extra
+        return temporary
 
     @staticmethod
     def _rename_into_place(temporary: str, path: str) -> None:
@@ -161,58 +155,30 @@ class PayloadFiles:
         fsync_directory(os.path.dirname(path))
 
     def write_ahead(self, chunks: Iterable[Any], step_name: str,
-                    also: Callable[[memoryview], str], hashes: BufferHashes) -> Callable[[], None]:
+                    also: Callable[[memoryview], str]) -> Callable[[], None]:
         """Start writing the large chunks among `chunks` (HASH_WHILE_WRITING_FROM and up) on
         a thread, while the caller does other work (digesting the step's values); returns the
-        wait for it. Another thread hashes them meanwhile and hands each SHA-256 to `hashes`
-        as soon as it has it, so the values' digests wait for it rather than hash the same
-        memory again. The commit's `put` of the same objects then finds them written. A
+        wait for it. The commit's `put` of the same objects then finds them written. A
         failure here is left for that `put` to meet and report."""
         self.forget_written_ahead()
         large = [chunk for chunk in chunks if not isinstance(chunk, BlobReference)
                  and memoryview(chunk).nbytes >= HASH_WHILE_WRITING_FROM]
         if not large:
             return lambda: None
-        for chunk in large:
-            hashes.expect(chunk)
-
-        def hash_them() -> None:
-            for chunk in large:  # each is provided, or a digest would wait for it forever
-                try:
-                    sha256: str | None = sha256_hex(memoryview(chunk).cast("B"))
-                except Exception as exc:  # noqa: BLE001 - whoever needs it hashes it
-                    log.debug("Hashing a payload ahead of its commit failed: %s", exc)
-                    sha256 = None
-                hashes.provide(chunk, sha256)
 
         def write_them() -> None:
             for chunk in large:
                 try:
-                    view = memoryview(chunk).cast("B")
-                    temporary, extra = self._write_partial(view, self.directory, step_name, also)
-                    try:
-                        sha256 = hashes.sha256(chunk)
-                        self._place(temporary, sha256, view.nbytes)
-                    except BaseException:
-                        if os.path.exists(temporary):
-                            os.remove(temporary)
-                        raise
+                    sha256, extra = self.put(memoryview(chunk).cast("B"), step_name, also)
                 except Exception as exc:  # noqa: BLE001 - the commit's put tries again
                     log.debug("Writing a payload ahead of its commit failed: %s", exc)
                     return
                 with self._ahead_lock:
                     self._written_ahead[id(chunk)] = (chunk, sha256, extra)
 
-        hashing = threading.Thread(target=hash_them, name="durable_nb-payload-hash", daemon=True)
         writer = threading.Thread(target=write_them, name="durable_nb-write-ahead", daemon=True)
-        hashing.start()
-        os.makedirs(self.directory, exist_ok=True)
         writer.start()
-
-        def wait() -> None:
-            writer.join()
-            hashing.join()
-        return wait
+        return writer.join
 
     def forget_written_ahead(self) -> None:
         with self._ahead_lock:

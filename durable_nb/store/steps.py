@@ -16,7 +16,6 @@ import os
 from dataclasses import replace
 from typing import Any, Callable, Mapping, Sequence
 
-from ..buffer_hashes import BufferHashes
 from ..crash_points import AFTER_COMMIT, BEFORE_COMMIT, crash_point
 from ..errors import UnknownStepError, UntrustedStepError
 from ..records import (COMPLETED, FAILED, STALE, StepRecord, StoredItem, StoredOutput,
@@ -171,16 +170,14 @@ class StepStore:
 
     # -- writing -----------------------------------------------------------------------
 
-    def write_ahead(self, chunks: Sequence[Any], step_name: str,
-                    hashes: BufferHashes) -> Callable[[], None]:
+    def write_ahead(self, chunks: Sequence[Any], step_name: str) -> Callable[[], None]:
         """Start writing a step's large chunks to their payload files while the caller works
-        on (digesting the values they hold, with the chunks' SHA-256s from `hashes`);
-        returns the wait for it. `record_step` of the same chunk objects then finds them
-        written: on two cores, the write and its hashing cost the step about what the write
-        alone does."""
+        on (digesting the values they hold); returns the wait for it. `record_step` of the
+        same chunk objects then finds them written: on two cores, the write and its hashing
+        cost the step nothing beyond the digests."""
         if self.database.read_only:
             return lambda: None  # the commit says the store is read-only
-        return self.payloads.write_ahead(chunks, step_name, raw_memory_check, hashes)
+        return self.payloads.write_ahead(chunks, step_name, raw_memory_check)
 
     def record_step(self, record: StepRecord, outputs: Sequence[StoredOutput],
                     variables: Sequence[StoredVariable], *,
