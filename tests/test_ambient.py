@@ -487,3 +487,68 @@ def test_register_replaces_a_kind_in_its_place_and_adds_new_ones_last(tmp_path: 
         """, cwd=tmp_path)
 
     assert output.splitlines() == [str(BUILT_IN_NAMES + ["extra"]), "mine"]
+
+
+@pytest.mark.parametrize("step_does, recorded", [
+    ("import numpy.random", False),
+    ("rng = np.random.default_rng(42)", False),
+    ("np.random.rand()", True),
+    ("np.random.seed(0)", True),
+    ("np.random.standard_normal()", True),
+    ("np.random.set_bit_generator(np.random.MT19937(42))", True),
+    ("np.random.set_state(np.random.get_state())", False),
+], ids=["imports numpy.random", "makes a seeded generator of its own", "draws", "seeds", "draws a normal", "swaps the generator", "sets it as it was"])
+def test_numpy_imported_by_a_step_counts_only_what_the_step_did_to_its_generator(
+        tmp_path: Path, step_does: str, recorded: bool) -> None:
+    # A fresh process, so that the step is the one that imports numpy.random (`import numpy`
+    # alone does not; `np.random.<anything>` does). What numpy seeded its global generator with
+    # at import is fresh entropy, different in every process: recording it would make every
+    # execution of the step give a different result (see the next test).
+    def run() -> tuple[bool, str]:
+        output = run_python(f"""
+            from durable_nb.state import ambient
+            from durable_nb.state.fingerprint import value_digest
+            before = ambient.snapshot()
+            import numpy as np
+            {step_does}
+            changes = ambient.changes(before, ambient.snapshot())
+            print("numpy.random" in changes, value_digest(changes))
+            """, cwd=tmp_path)
+        found, digest = output.split()
+        return found == "True", digest
+
+    (first, first_digest), (second, second_digest) = run(), run()
+    assert first == second == recorded
+    if not step_does.startswith(("np.random.rand", "np.random.standard")):  # not from entropy
+        assert first_digest == second_digest
+
+
+def test_a_step_that_imports_numpy_executed_again_in_a_new_kernel_keeps_later_steps(
+        tmp_path: Path) -> None:
+    # Early cutoff across processes: a step that imports numpy executes again in another
+    # kernel (its code changed) and leaves what it left before, so the step after it replays.
+    # It used to execute too: the step's `np.random.default_rng` imports numpy.random, whose
+    # global generator seeds itself with other entropy in each kernel.
+    from .kernels import Kernel
+
+    def notebook(size_code: str) -> list[str]:
+        return ["%load_ext durable_nb\n%durable_workflow numpy-cutoff\n"
+                "def count_run(name):\n    with open('runs.txt', 'a') as file:\n"
+                "        file.write(name + '\\n')",
+                "%%durable_step a\ncount_run('a')\nimport numpy as np\n"
+                f"rng = np.random.default_rng(0)\nsize = {size_code}",
+                "%%durable_step b\ncount_run('b')\ntotal = int(np.arange(size).sum())"]
+
+    env = {"DURABLE_NB_DB": str(tmp_path / "store.duckdb")}
+    for size_code in ("int(rng.integers(3, 4))", "int(rng.integers(3, 4)) + 0"):
+        kernel = Kernel(tmp_path, env)
+        kernel.start()
+        try:
+            for cell in notebook(size_code):
+                result = kernel.execute(cell)
+                assert result.status == "ok", result.describe_error()
+            total = kernel.execute("print(total)").stream_text("stdout")
+        finally:
+            kernel.stop()
+        assert total.strip() == "3"
+    assert (tmp_path / "runs.txt").read_text().split() == ["a", "b", "a"]

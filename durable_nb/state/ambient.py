@@ -145,6 +145,37 @@ def _capture_numpy_random() -> Any:
     return None if module is None else module.get_state(legacy=False)
 
 
+def _diff_numpy_random(before: Any, after: Any) -> Any:
+    """The change to numpy's global generator. When the step imported numpy (`before` is
+    None) and has not touched the generator since, it is in the state numpy seeded it with
+    from fresh entropy: another process gets another, so recording it would make the step's
+    result differ in every process (a step executed again never counts as the same result,
+    and the steps after it execute too), while a replay has nothing to restore: an
+    uninterrupted run's generator is just as unseeded."""
+    if before is None and _unseeded_since_import(after):
+        return None
+    return _default_diff(before, after)
+
+
+def _unseeded_since_import(state: Mapping[str, Any]) -> bool:
+    """Whether numpy's global generator is as numpy made it at import: its own MT19937, from
+    OS entropy (128 random bits; a seed a program gives is rarely that large, and a wrong
+    guess here only records a change), nothing drawn from it, no Gaussian cached."""
+    module = sys.modules.get("numpy.random")
+    get_bit_generator = getattr(module, "get_bit_generator", None)  # numpy >= 1.25
+    if get_bit_generator is None or state.get("has_gauss"):
+        return False
+    generator = get_bit_generator()
+    seed: Any = getattr(generator, "seed_seq", None)  # None once np.random.seed() was called
+    if type(generator).__name__ != "MT19937" or type(seed).__name__ != "SeedSequence":
+        return False
+    if not isinstance(seed.entropy, int) or seed.entropy.bit_length() <= 96 \
+            or seed.spawn_key or seed.n_children_spawned:
+        return False
+    fresh = type(generator)(seed).state
+    return bool(_same(fresh, generator.state))
+
+
 def _apply_numpy_random(state: dict[str, Any]) -> None:
     module = importlib.import_module("numpy.random")
     name = state["bit_generator"]
@@ -303,7 +334,8 @@ BUILT_IN_STATES: tuple[AmbientState, ...] = (
     AmbientState("sys.path", _capture_sys_path, _apply_sys_path),
     AmbientState("warnings.filters", _capture_warning_filters, _apply_warning_filters),
     AmbientState("random", _capture_random, _apply_random),
-    AmbientState("numpy.random", _capture_numpy_random, _apply_numpy_random),
+    AmbientState("numpy.random", _capture_numpy_random, _apply_numpy_random,
+                 _diff_numpy_random),
     AmbientState("numpy.printoptions", _capture_numpy_printoptions, _apply_numpy_printoptions,
                  _changed_keys),
     AmbientState("pandas.options", _capture_pandas_options, _apply_pandas_options,
