@@ -116,8 +116,6 @@ class StepStatusWidget(widgets.VBox):
         """One dict per step, in sequence order (a copy)."""
         return list(self._rows)
 
-    step_rows = rows
-
     def refresh(self) -> None:
         """Reload the rows from the executor's history, as at the start of a run: steps
         completed earlier are pending until they are reached."""
