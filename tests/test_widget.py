@@ -228,6 +228,37 @@ def test_summary_orders_statuses_and_adds_up_the_time_saved() -> None:
     assert status.summarize(rows) == \
         "7 steps: 3 replayed (saved 12 min), 1 executed, 1 failed, 1 stale, 1 pending"
     assert status.summarize(rows[:1]) == "1 step: 1 pending"
+    # The live widget keeps these counts row by row: what a row put in, taking it out removes.
+    tally = status.Tally()
+    for item in rows:
+        tally.add(item)
+    for item in rows[1:4]:
+        tally.add(item, -1)
+    assert tally.text() == status.summarize(rows[:1] + rows[4:]) == \
+        "4 steps: 1 replayed (saved 500 ms), 1 failed, 1 stale, 1 pending"
+    tally.add(rows[0], -1)
+    tally.add(row("replayed", 0.1))
+    tally.add(row("replayed", 0.2))
+    tally.add(row("replayed", 0.1), -1)
+    assert tally.text() == "4 steps: 2 replayed (saved 700 ms), 1 failed, 1 stale"
+
+
+def test_the_live_summary_matches_its_rows_through_replays_and_a_reset(
+        session: NotebookSession, magics: Any) -> None:
+    widget = magics.status_widget
+    cells = [f"%%durable_step s{n}\nimport time\ntime.sleep(0.01)\nv{n} = {n}" for n in range(4)]
+    for cell in cells:
+        session.ok(cell)
+    session.restart()
+    widget.refresh()
+    for cell in cells[:3]:
+        session.ok(cell)
+        assert widget.summary == status.summarize(widget.rows)
+    assert widget.summary.startswith("4 steps: 3 replayed (saved ")
+    assert widget.summary.endswith("), 1 pending")
+    session.ok("%durable_reset s2")
+    assert widget.summary == status.summarize(widget.rows)
+    assert widget.summary.startswith("2 steps: 2 replayed (saved ")
 
 
 def test_terminal_ipython_prints_the_table_not_the_widget_repr(tmp_path: Path) -> None:

@@ -103,6 +103,7 @@ class StepStatusWidget(widgets.VBox):
         self._rows: list[status.StepRow] = []  # in sequence order
         self._rows_html: list[str] = []  # each row rendered, beside it
         self._index: dict[int, int] = {}  # sequence number -> position in _rows
+        self._tally = status.Tally()  # the summary line's counts
         self._head = widgets.HTML()
         self._pages: list[widgets.HTML] = []
         self._table = widgets.VBox([self._head])
@@ -210,8 +211,10 @@ class StepStatusWidget(widgets.VBox):
             self._index[row["sequence_number"]] = position
             self.reset_bar.steps = [*self.reset_bar.steps, row["name"]]
         else:
+            self._tally.add(self._rows[position], -1)
             self._rows[position] = row
             self._rows_html[position] = status.html_row(row)
+        self._tally.add(row)
         page = position // self.PAGE_ROWS
         self._render(range(page, page + 1))
 
@@ -219,6 +222,9 @@ class StepStatusWidget(widgets.VBox):
         self._rows = [status.StepRow(**row) for row in rows]
         self._rows_html = [status.html_row(row) for row in self._rows]
         self._index = {row["sequence_number"]: position for position, row in enumerate(self._rows)}
+        self._tally = status.Tally()
+        for row in self._rows:
+            self._tally.add(row)
         self.reset_bar.steps = [row["name"] for row in self._rows]
         self._render(range(self._page_count()))
 
@@ -232,7 +238,7 @@ class StepStatusWidget(widgets.VBox):
     def _render(self, numbers: range) -> None:
         """Bring the summary and these pages up to date (a page whose HTML is unchanged
         sends nothing: traitlets compares the values), and drop pages past the last row."""
-        self.summary = status.summarize(self._rows)
+        self.summary = self._tally.text()
         self._head.value = status.render_html_head(self._title(), self.summary)
         size, pages = self.PAGE_ROWS, self._page_count()
         for number in numbers:

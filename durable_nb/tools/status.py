@@ -119,21 +119,45 @@ def row_from_event(event: StepEvent) -> StepRow:
 
 def summarize(rows: Sequence[StepRow]) -> str:
     """'7 steps: 5 replayed (saved 12 min), 1 executed, 1 pending'."""
-    if not rows:
-        return "no steps recorded yet"
-    counts: dict[str, int] = {}
+    tally = Tally()
     for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    order = [s for s in _SUMMARY_ORDER if s in counts] + sorted(set(counts) - set(_SUMMARY_ORDER))
-    parts = []
-    for status in order:
-        part = f"{counts[status]} {status}"
+        tally.add(row)
+    return tally.text()
+
+
+class Tally:
+    """The counts a summary line shows, kept up to date row by row (the live widget's: an
+    update then costs the same however many rows there are). Saved time is counted in whole
+    microseconds, so that taking a row out gives back exactly what adding it put in."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.rows = 0
+        self._saved_us = 0
+
+    def add(self, row: StepRow, sign: int = 1) -> None:
+        """Count `row` in (or out, with sign=-1)."""
+        status = row["status"]
+        self.counts[status] = self.counts.get(status, 0) + sign
+        if not self.counts[status]:
+            del self.counts[status]
+        self.rows += sign
         if status == REPLAYED:
-            saved = sum(row["saved_seconds"] or 0.0 for row in rows if row["status"] == REPLAYED)
-            part += f" (saved {format_seconds(saved)})"
-        parts.append(part)
-    noun = "step" if len(rows) == 1 else "steps"
-    return f"{len(rows)} {noun}: " + ", ".join(parts)
+            self._saved_us += sign * round((row["saved_seconds"] or 0.0) * 1_000_000)
+
+    def text(self) -> str:
+        if not self.rows:
+            return "no steps recorded yet"
+        counts = self.counts
+        order = [s for s in _SUMMARY_ORDER if s in counts] + sorted(set(counts) - set(_SUMMARY_ORDER))
+        parts = []
+        for status in order:
+            part = f"{counts[status]} {status}"
+            if status == REPLAYED:
+                part += f" (saved {format_seconds(self._saved_us / 1_000_000)})"
+            parts.append(part)
+        noun = "step" if self.rows == 1 else "steps"
+        return f"{self.rows} {noun}: " + ", ".join(parts)
 
 
 def format_seconds(seconds: float | None) -> str:
