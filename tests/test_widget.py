@@ -151,14 +151,18 @@ def test_reset_asks_for_confirmation_then_forgets_the_step_and_later_ones(
         session.ok(f"%%durable_step {name}\nwith open({str(counter)!r}, 'a') as f: f.write('{name}\\n')")
     bar = widget.reset_bar
     assert bar.steps == ["fetch", "clean", "train"]
-    bar.choice.value = "clean"
+    assert bar.choice.options == ()  # filled when asked, not sent at every step
     bar.ask.click()
+    assert bar.choice.options == ("fetch", "clean", "train")
+    assert bar.confirming == "train" and "Forget step 'train'?" in bar.question.value
+    bar.choice.value = "clean"
     assert bar.confirming == "clean" and bar.confirm in bar.children
     assert "the 1 after it" in bar.question.value
     assert len(session.store.live_steps(session.workflow)) == 3  # nothing happens before "yes"
     bar.cancel.click()
     assert bar.confirming == "" and len(session.store.live_steps(session.workflow)) == 3
-    bar.ask.click()
+    bar.ask.click()  # the step picked last time is still on offer
+    assert bar.confirming == "clean"
     bar.confirm.click()
     assert [s.step_name for s in session.store.live_steps(session.workflow)] == ["fetch"]
     assert statuses(widget) == [("fetch", "executed")]

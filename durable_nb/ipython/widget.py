@@ -12,7 +12,7 @@ import logging
 from typing import Any, Callable
 
 import ipywidgets as widgets
-from traitlets import List, Unicode, observe
+from traitlets import Unicode, observe
 
 from ..tools import status
 from ..errors import DurableError, WorkflowNotNamedError
@@ -22,18 +22,23 @@ log = logging.getLogger(__name__)
 
 
 class ResetBar(widgets.HBox):
-    """Pick a step and press Reset…, then confirm: that step and the ones after it are
-    forgotten, so they execute when next run."""
+    """Press Reset…, pick a step, then confirm: that step and the ones after it are
+    forgotten, so they execute when next run.
 
-    steps = List(Unicode(), help="The step names on offer, in sequence order.").tag(sync=True)
+    The steps on offer are read when Reset… is pressed (`names`), not kept in sync as steps
+    run: a list of every step's name sent to the front end at each new step would make a
+    long workflow's steps cost more and more."""
+
     confirming = Unicode("", help="The step whose reset awaits confirmation, if any.").tag(sync=True)
     message = Unicode("", help="What the last reset did, or why it failed.").tag(sync=True)
 
-    def __init__(self, on_reset: Callable[[str], str], **kwargs: Any) -> None:
+    def __init__(self, on_reset: Callable[[str], str], names: Callable[[], list[str]],
+                 **kwargs: Any) -> None:
         self._on_reset = on_reset
+        self._names = names
         self.choice = widgets.Dropdown(description="Step", layout=widgets.Layout(width="auto"))
         self.ask = widgets.Button(description="Reset…", icon="undo",
-                                  tooltip="Forget this step and every later one, so they execute again")
+                                  tooltip="Forget a step and every later one, so they execute again")
         self.question = widgets.Label()
         self.confirm = widgets.Button(description="Yes, reset", button_style="danger")
         self.cancel = widgets.Button(description="Cancel")
@@ -42,24 +47,32 @@ class ResetBar(widgets.HBox):
         self.ask.on_click(lambda _: self._ask())
         self.confirm.on_click(lambda _: self._reset())
         self.cancel.on_click(lambda _: setattr(self, "confirming", ""))
+        self.choice.observe(self._chosen, "value")
         self._show()
 
-    @observe("steps")
-    def _steps_changed(self, change: dict[str, Any]) -> None:
+    @property
+    def steps(self) -> list[str]:
+        """The step names on offer now, in sequence order."""
+        return self._names()
+
+    def _ask(self) -> None:
+        names = self._names()
+        if not names:
+            self.message = "No steps recorded yet: nothing to reset."
+            return
         chosen = self.choice.value
-        self.choice.options = list(change["new"])
-        self.choice.value = chosen if chosen in change["new"] else next(iter(change["new"]), None)
-        if self.confirming not in change["new"]:
-            self.confirming = ""
-        self._show()
+        self.choice.options = names
+        # The step picked last time if it is still there, else the latest step.
+        self.choice.value = chosen if chosen in names else names[-1]
+        self.confirming = self.choice.value
+
+    def _chosen(self, change: dict[str, Any]) -> None:
+        if self.confirming and change["new"]:
+            self.confirming = change["new"]
 
     @observe("confirming", "message")
     def _state_changed(self, change: dict[str, Any]) -> None:
         self._show()
-
-    def _ask(self) -> None:
-        if self.choice.value:
-            self.confirming = self.choice.value
 
     def _reset(self) -> None:
         step_name, self.confirming = self.confirming, ""
@@ -70,14 +83,15 @@ class ResetBar(widgets.HBox):
 
     def _show(self) -> None:
         if self.confirming:
-            later = len(self.steps) - self.steps.index(self.confirming) - 1
+            names = list(self.choice.options)
+            later = len(names) - names.index(self.confirming) - 1 if self.confirming in names else 0
             self.question.value = (f"Forget step {self.confirming!r}"
                                    + (f" and the {later} after it" if later else "")
                                    + "? They execute again when next run.")
-            self.children = [self.question, self.confirm, self.cancel]
+            self.children = [self.choice, self.question, self.confirm, self.cancel]
         else:
             self.note.value = self.message
-            self.children = [self.choice, self.ask, self.note] if self.steps else [self.note]
+            self.children = [self.ask, self.note]
 
 
 class StepStatusWidget(widgets.VBox):
@@ -107,7 +121,8 @@ class StepStatusWidget(widgets.VBox):
         self._head = widgets.HTML()
         self._pages: list[widgets.HTML] = []
         self._table = widgets.VBox([self._head])
-        self.reset_bar = ResetBar(self.reset_step)
+        self.reset_bar = ResetBar(self.reset_step,
+                                  lambda: [row["name"] for row in self._rows])
         super().__init__(children=[self._table, self.reset_bar], **kwargs)
         self.refresh()
         executor.add_listener(self._on_event)
@@ -209,7 +224,6 @@ class StepStatusWidget(widgets.VBox):
             self._rows.append(row)
             self._rows_html.append(status.html_row(row))
             self._index[row["sequence_number"]] = position
-            self.reset_bar.steps = [*self.reset_bar.steps, row["name"]]
         else:
             self._tally.add(self._rows[position], -1)
             self._rows[position] = row
@@ -225,7 +239,6 @@ class StepStatusWidget(widgets.VBox):
         self._tally = status.Tally()
         for row in self._rows:
             self._tally.add(row)
-        self.reset_bar.steps = [row["name"] for row in self._rows]
         self._render(range(self._page_count()))
 
     @observe("workflow_id", "notice")
