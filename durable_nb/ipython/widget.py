@@ -103,7 +103,7 @@ class StepStatusWidget(widgets.VBox):
     the steps). The rows themselves stay in the kernel (`rows`).
     """
 
-    PAGE_ROWS = 50
+    PAGE_ROWS = 20
 
     workflow_id = Unicode(
         "", help="The workflow whose steps are shown ('' before one is named).").tag(sync=True)
