@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from durable_nb.backoff import EQUAL_JITTER, backoff_delay
+from durable_nb.backoff import (EQUAL_JITTER, WaitCutShort, backoff_delay, interrupt_arrived,
+                               interrupts_settled, wait)
 
 LOCK_JITTER = (0.5, 1.5)  # as the store waits for a lock
 
@@ -73,8 +74,6 @@ def test_waiting_leaves_the_users_random_sequence_alone() -> None:
 
 
 def test_a_wait_after_a_held_interrupt_ends_at_once_until_it_is_settled() -> None:
-    from durable_nb.backoff import WaitCutShort, interrupt_arrived, interrupts_settled, wait
-
     interrupt_arrived()  # held by a commit's handler while no wait was in progress
     try:
         started = time.monotonic()

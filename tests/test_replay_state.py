@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from durable_nb.errors import RestoreFailed
+from durable_nb.errors import DurableWarning, RestoreFailed
 from durable_nb.state.codec import decode_state, encode_state
-from durable_nb.errors import DurableWarning
 from durable_nb.state.references import index_live_objects
 
 from .conftest import NotebookSession, counted_step, runs

@@ -423,8 +423,6 @@ def test_large_outputs_live_in_a_payload_file_that_gc_keeps_and_reads_verify(tmp
 
 
 def test_list_workflows_sums_each_workflows_live_steps_by_status(tmp_path: Path) -> None:
-    from dataclasses import replace
-
     store = StepStore(tmp_path / "s.duckdb")
     late = datetime(2026, 1, 2)
     store.record_step(record(1, "a"), [], [encode("x", b"x" * 100)])
@@ -437,3 +435,18 @@ def test_list_workflows_sums_each_workflows_live_steps_by_status(tmp_path: Path)
     assert wf.last_activity == late and wf.state_bytes == sum(
         step.state_bytes for step in store.all_steps("wf"))
     assert (summaries["other"].steps, summaries["other"].counts) == (1, {"completed": 1})
+
+
+def test_the_columns_a_commit_leaves_out_when_null_are_the_schemas_null_by_default(
+        tmp_path: Path) -> None:
+    # A commit leaves NULL columns out of its INSERT (each column it names costs DuckDB time),
+    # which is right only for columns that are NULL unless given: a DEFAULT added to one of
+    # them would silently replace the NULL.
+    from durable_nb.store.steps import NULL_BY_DEFAULT
+
+    store = StepStore(tmp_path / "s.duckdb")
+    with store.database.connect() as connection:
+        columns = connection.execute("PRAGMA table_info('steps')").fetchall()
+    # (cid, name, type, notnull, dflt_value, pk)
+    assert NULL_BY_DEFAULT == {name for _, name, _, notnull, default, _ in columns
+                               if not notnull and default is None}

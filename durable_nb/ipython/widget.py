@@ -236,14 +236,8 @@ class StepStatusWidget(widgets.VBox):
         self._rows = [status.StepRow(**row) for row in rows]
         self._rows_html = [status.html_row(row) for row in self._rows]
         self._index = {row["sequence_number"]: position for position, row in enumerate(self._rows)}
-        self._tally = status.Tally()
-        for row in self._rows:
-            self._tally.add(row)
+        self._tally = status.Tally.of(self._rows)
         self._render(range(self._page_count()))
-
-    @observe("workflow_id", "notice")
-    def _heading_changed(self, change: dict[str, Any]) -> None:
-        self._head.value = status.render_html_head(self._title(), self.summary)
 
     def _page_count(self) -> int:
         return max(1, -(-len(self._rows) // self.PAGE_ROWS))
@@ -254,6 +248,7 @@ class StepStatusWidget(widgets.VBox):
         self.summary = self._tally.text()
         self._head.value = status.render_html_head(self._title(), self.summary)
         size, pages = self.PAGE_ROWS, self._page_count()
+        added = False
         for number in numbers:
             value = status.render_html_table(self._rows_html[number * size:(number + 1) * size],
                                              header=number == 0, fixed=True)
@@ -261,8 +256,10 @@ class StepStatusWidget(widgets.VBox):
                 self._pages[number].value = value
             else:
                 self._pages.append(widgets.HTML(value))
-        if len(self._pages) != pages or len(self._table.children) != pages + 1:
-            for page in self._pages[pages:]:
+                added = True
+        dropped = self._pages[pages:]
+        if added or dropped:
+            for page in dropped:
                 page.close()
             del self._pages[pages:]
             self._table.children = [self._head, *self._pages]

@@ -129,13 +129,13 @@ class PlacedStep:
         outputs_json = json.dumps([item.output for item in outputs])
         # Large outputs (a training log, a big table) go to a payload file: in the row they
         # would be copied at every checkpoint, and held in memory by DuckDB meanwhile.
-        large_outputs = outputs_json.encode() if len(outputs_json) > inline_limit else None
-        outputs_file = files.put(memoryview(large_outputs), step_name)[0] \
-            if large_outputs is not None else None
         # Only bytes reach a payload file: _place_chunks refuses stored references.
         payloads = {sha256: cast(Chunk, chunk) for variable in ordered
                     for chunk, (_, _, sha256, _) in zip(variable.chunks, chunks[variable.name]) if sha256}
-        if outputs_file is not None and large_outputs is not None:
+        outputs_file = None
+        if len(outputs_json) > inline_limit:
+            large_outputs = outputs_json.encode()
+            outputs_file, _ = files.put(memoryview(large_outputs), step_name)
             payloads[outputs_file] = large_outputs
         return cls(
             ordered, chunks, payloads, outputs_json, outputs_file,

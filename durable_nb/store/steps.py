@@ -23,7 +23,9 @@ from ..records import (COMPLETED, FAILED, STALE, StepRecord, StoredItem, StoredO
 from .db import Connection, Database, atomic, fetch_dicts
 from .payloads import GC_GRACE_SECONDS, PayloadFiles, load_chunks
 from .recovery import RecoveredWorkflow, RecoveryReport, recover_store
-from .rows import (ITEM_SIGNED_COLUMNS, RECORD_COLUMNS, SIGNED, SIGNED_COLUMNS, PlacedStep, insert_sql, outputs_from_row, payload_names, raw_memory_check, record_from_row, row_from_record, step_where, variables_from_row)
+from .rows import (ITEM_SIGNED_COLUMNS, RECORD_COLUMNS, SIGNED, SIGNED_COLUMNS, PlacedStep,
+                   insert_sql, outputs_from_row, payload_names, raw_memory_check, record_from_row,
+                   row_from_record, step_where, variables_from_row)
 from .snapshot import SnapshotCache, kept_in_memory
 from .trust import Signer
 
@@ -34,9 +36,10 @@ __all__ = ["DEFAULT_INLINE_LIMIT", "GC_GRACE_SECONDS", "RecoveredWorkflow", "Rec
 log = logging.getLogger(__name__)
 
 DEFAULT_INLINE_LIMIT = 256 * 1024
-# Columns of `steps` that are NULL unless given (no DEFAULT in db.py's schema).
+# Columns of `steps` that are NULL unless given (nullable, no DEFAULT in db.py's schema; a
+# test checks this against the schema).
 NULL_BY_DEFAULT = frozenset({"error", "superseded_at", "cell_id", "outputs_file",
-                             "output_transients", "inline_data"})
+                             "output_transients", "inline_data", "signature"})
 
 
 class StepStore:
@@ -413,4 +416,3 @@ class StepStore:
                 "s.superseded_at IS NULL) GROUP BY step_name ORDER BY step_name",
                 [workflow_id, COMPLETED]).fetchall()
         return {name: (int(done), int(total)) for name, done, total in rows}
-

@@ -119,10 +119,7 @@ def row_from_event(event: StepEvent) -> StepRow:
 
 def summarize(rows: Sequence[StepRow]) -> str:
     """'7 steps: 5 replayed (saved 12 min), 1 executed, 1 pending'."""
-    tally = Tally()
-    for row in rows:
-        tally.add(row)
-    return tally.text()
+    return Tally.of(rows).text()
 
 
 class Tally:
@@ -134,6 +131,13 @@ class Tally:
         self.counts: dict[str, int] = {}
         self.rows = 0
         self._saved_us = 0
+
+    @classmethod
+    def of(cls, rows: Iterable[StepRow]) -> Tally:
+        tally = cls()
+        for row in rows:
+            tally.add(row)
+        return tally
 
     def add(self, row: StepRow, sign: int = 1) -> None:
         """Count `row` in (or out, with sign=-1)."""
