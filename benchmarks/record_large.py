@@ -1,33 +1,31 @@
 """Recording a step that makes ~100 MB of numpy + pandas state, through a real kernel (issue 9, target 4).
 
-Two kernels, each with a private temporary folder and IPYTHONDIR, run side by side, REPEAT
-times (a fresh seed each time, so every recording holds new content):
+One kernel (a private temporary folder and IPYTHONDIR) runs REPEAT rounds of three cells, in
+an order that rotates from round to round, each making new values of the same kind (a fresh
+seed, so every recording holds new content): a float64 array of half the size and a DataFrame
+of the other half (three float64 and two int64 columns):
 
-- kernel A (no extension) runs the body plainly: a float64 array of half the size and a
-  DataFrame of the other half (three float64 and two int64 columns); then the same body
-  followed by `pickle.dump((arr, df))` (protocol 5) to a new local file, `flush` and
-  `os.fsync`, timed with perf_counter inside that cell (the baseline: durable_nb writes new
-  payload files too); then, for information, the same dump over that file again;
-- kernel B runs the same body as `%%durable_step recordN`, executed and committed.
+- the step: the body as `%%durable_step recordN`, executed and committed;
+- the same step with StepStore.write_ahead turned off (payload files written at the commit,
+  after the values are digested);
+- the baseline: the body, then `pickle.dump((arr, df))` (protocol 5) to a new local file,
+  `flush` and `os.fsync`, timed with perf_counter inside that cell; then, for information,
+  the same dump over that file again, and SHA-256 and CRC-32 of the same bytes (what naming a
+  payload file by its content and checking it on replay cost, with nothing written).
 
 Recording cost = the step cell's time inside the kernel (pre_run_cell -> post_run_cell, see
 kernel.py) - the time its body took (timed by the body itself, in the same cell), against the
-pickle.dump + fsync time, medians. Making 100 MB of new arrays costs 20 to 300 ms here,
-depending on whether the virtual machine's host must back fresh memory, so subtracting a plain
-cell run in another kernel (also printed) adds that noise to the figure; the body's own time
-does not.
+pickle.dump + fsync time, medians. Both sides run in the same process and keep the files they
+write, so they meet the same memory: this machine is a virtual machine whose host backs guest
+memory lazily, and writing 100 MB to a new file costs 18 ms, or 230 ms when the host must back
+fresh memory, minutes apart. A comparison holds only within the same rounds; the spreads show
+how much each side moved.
 
-Each round kernel B also records the same kind of values with StepStore.write_ahead turned
-off (payload files written at the commit, after the values are digested), alternating which
-goes first: on this machine a run's figures swing with the virtual machine's page faults
-(writing 100 MB to a new file: 18 ms, or 230 ms when the host must back fresh memory), so a
-comparison only holds within the same rounds.
+Then, on a second store, SAME steps each make the same values again (same seed, so the same
+content, unchanged): the store's bytes on disk (database + .wal + .blobs folder) after each
+step show whether the large values are stored once.
 
-Then, in kernel B on a second store, SAME steps each make the same values again (same seed, so
-the same content, unchanged): the store's bytes on disk (database + .wal + .blobs folder)
-after each step show whether the large values are stored once.
-
-    python benchmarks/record_large.py [--mb 100] [--repeat 5] [--same 4] [--quick] [--profile]
+    python benchmarks/record_large.py [--mb 100] [--repeat 9] [--same 4] [--quick] [--profile]
 
 Targets: recording / (pickle.dump + fsync) <= 1.0; the store holds values recorded
 unchanged by several steps once (here: it grows by less than 10% of the first step's size).
@@ -68,6 +66,23 @@ with open({path!r}, "wb") as handle:
 dump_seconds = time.perf_counter() - _started
 del handle, _started
 """
+# The bytes a recording hashes: the values' out-of-band buffers, as durable_nb's pickler
+# takes them (numpy and pandas memory, not copied).
+HASH = """\
+import hashlib as _hashlib
+import zlib as _zlib
+_buffers = []
+pickle.dumps((arr, df), protocol=5, buffer_callback=lambda b: _buffers.append(b.raw()) or False)
+_started = time.perf_counter()
+for _buffer in _buffers:
+    _hashlib.sha256(_buffer).digest()
+sha_seconds = time.perf_counter() - _started
+_started = time.perf_counter()
+for _buffer in _buffers:
+    _zlib.crc32(_buffer)
+crc_seconds = time.perf_counter() - _started
+del _buffers, _buffer, _started
+"""
 
 
 # Benchmark-only switches, run in kernel B between steps (names starting with _ are hidden
@@ -92,14 +107,14 @@ def in_kernel(kernel: BenchKernel, code: str) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=100.0, help="state size in MB (10^6 bytes)")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--same", type=int, default=4,
                         help="steps that record the same values unchanged")
-    parser.add_argument("--quick", action="store_true", help="2 repetitions, 3 same-value steps")
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 3 same-value steps")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile one more recording step inside the kernel")
     arguments = parser.parse_args()
-    repeat, same = (2, 3) if arguments.quick else (arguments.repeat, arguments.same)
+    repeat, same = (3, 3) if arguments.quick else (arguments.repeat, arguments.same)
     size = int(arguments.mb * MB)
 
     def body(seed: int) -> str:
@@ -108,73 +123,77 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="durable_nb_bench_")
     store = os.path.join(workdir, "record.duckdb")
     same_store = os.path.join(workdir, "same.duckdb")
-    plain_kernel = BenchKernel(os.path.join(workdir, "plain"))
-    step_kernel = BenchKernel(os.path.join(workdir, "steps"))
-    plain: list[float] = []
+    kernel = BenchKernel(os.path.join(workdir, "steps"))
     dumped: list[float] = []
     overwritten: list[float] = []
-    dump_cells: list[float] = []
+    hashed: list[float] = []  # SHA-256 of the same bytes
+    checked: list[float] = []  # CRC-32 of the same bytes
     steps: list[float] = []
     serial_steps: list[float] = []
-    recording: list[float] = []  # step cell - its body, in kernel B
+    recording: list[float] = []  # step cell - its body
     serial: list[float] = []
     sizes: list[tuple[int, int]] = []
     profile = ""
+    pickle_path = ""
+    nbytes = 0
+
+    def record(seed: int, write_ahead: bool) -> None:
+        kernel.run(WRITE_AHEAD_ON if write_ahead else WRITE_AHEAD_OFF)
+        name = "record" if write_ahead else "serial"
+        cell = in_kernel(kernel, f"%%durable_step {name}{seed}\n{body(seed)}")
+        (steps if write_ahead else serial_steps).append(cell)
+        (recording if write_ahead else serial).append(cell - kernel.evaluate("_body_seconds"))
+        kernel.run(WRITE_AHEAD_ON)
+
+    def dump(seed: int) -> None:
+        nonlocal pickle_path, nbytes
+        pickle_path = os.path.join(workdir, f"state{seed}.pkl")
+        kernel.run(body(seed) + DUMP.format(path=pickle_path))
+        dumped.append(kernel.evaluate("dump_seconds"))
+        kernel.run(DUMP.format(path=pickle_path))
+        overwritten.append(kernel.evaluate("dump_seconds"))
+        kernel.run(HASH)
+        hashed.append(kernel.evaluate("sha_seconds"))
+        checked.append(kernel.evaluate("crc_seconds"))
+        nbytes = kernel.evaluate("int(arr.nbytes + df.memory_usage(index=True).sum())")
+
+    cells = [lambda seed: record(seed, True), lambda seed: record(seed, False),
+             lambda seed: dump(seed + 10_000)]
     try:
-        for kernel in (plain_kernel, step_kernel):
-            kernel.start()
-            kernel.run(IMPORTS)
-        open_workflow(step_kernel, "record-large", store)
-        step_kernel.run(WRITE_AHEAD_SETUP)
-        nbytes = 0
+        kernel.start()
+        kernel.run(IMPORTS)
+        open_workflow(kernel, "record-large", store)
+        kernel.run(WRITE_AHEAD_SETUP)
         for attempt in range(repeat):
-            seed = attempt + 1
-            plain.append(in_kernel(plain_kernel, body(seed)))
-            for write_ahead in ((True, False) if attempt % 2 == 0 else (False, True)):
-                step_kernel.run(WRITE_AHEAD_ON if write_ahead else WRITE_AHEAD_OFF)
-                name = "record" if write_ahead else "serial"
-                cell = in_kernel(step_kernel, f"%%durable_step {name}{seed}\n{body(seed)}")
-                (steps if write_ahead else serial_steps).append(cell)
-                (recording if write_ahead else serial).append(
-                    cell - step_kernel.evaluate("_body_seconds"))
-            step_kernel.run(WRITE_AHEAD_ON)
-            pickle_path = os.path.join(workdir, f"state{seed}.pkl")
-            dump_cells.append(in_kernel(plain_kernel, body(seed) + DUMP.format(path=pickle_path)))
-            dumped.append(plain_kernel.evaluate("dump_seconds"))
-            plain_kernel.run(DUMP.format(path=pickle_path))
-            overwritten.append(plain_kernel.evaluate("dump_seconds"))
-            nbytes = plain_kernel.evaluate("int(arr.nbytes + df.memory_usage(index=True).sum())")
+            for index in range(len(cells)):
+                cells[(attempt + index) % len(cells)](attempt + 1)
         record_bytes = disk_usage(store_files(store))
         if arguments.profile:
-            step_kernel.start_profile()
-            step_kernel.run(f"%%durable_step record{repeat + 1}\n{body(repeat + 1)}")
-            profile = step_kernel.stop_profile()
+            kernel.start_profile()
+            kernel.run(f"%%durable_step record{repeat + 1}\n{body(repeat + 1)}")
+            profile = kernel.stop_profile()
 
-        step_kernel.run(f"%durable_workflow same-values --db {same_store}")
+        kernel.run(f"%durable_workflow same-values --db {same_store}")
         for index in range(1, same + 1):
-            step_kernel.run(f"%%durable_step same{index}\n{body(0)}")
+            kernel.run(f"%%durable_step same{index}\n{body(0)}")
             sizes.append(disk_usage(store_files(same_store)))
         pickle_bytes = os.path.getsize(pickle_path)
     finally:
-        plain_kernel.stop()
-        step_kernel.stop()
+        kernel.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    step_over_plain = [step - plain_cell for step, plain_cell in zip(steps, plain)]
-    dump_over_plain = [cell - plain_cell for cell, plain_cell in zip(dump_cells, plain)]
     print(f"durable_nb recording {nbytes / MB:.0f} MB of numpy + pandas state (pickle file "
-          f"{pickle_bytes / MB:.0f} MB), {repeat} times; per cell, ms, inside the kernel")
+          f"{pickle_bytes / MB:.0f} MB), {repeat} rounds in one kernel; ms, inside the kernel")
     print(f"{'':<50}{SPREAD_HEADER}")
     for label, values in [
-        ("plain cell making the values (kernel A)", plain),
-        ("the same cell as a step, executed (kernel B)", steps),
+        ("the step cell, executed", steps),
         ("recording: step cell - its body", recording),
-        ("(step cell - plain cell in kernel A)", step_over_plain),
-        ("the same step, write-ahead off (kernel B)", serial_steps),
+        ("the same step, write-ahead off", serial_steps),
         ("recording, write-ahead off: step cell - its body", serial),
         ("pickle.dump + fsync to a new file, in its cell", dumped),
-        ("(cell with pickle.dump) - plain cell", dump_over_plain),
         ("pickle.dump + fsync over that file again", overwritten),
+        ("SHA-256 of the same bytes (no file)", hashed),
+        ("CRC-32 of the same bytes (no file)", checked),
     ]:
         print(spread_line(label, values))
     print(f"the recording store after {repeat} steps of new content: {record_bytes[0] / MB:.0f} MB "
@@ -197,6 +216,11 @@ def main() -> int:
               f"<= {TARGET_RATIO:.1f}", ratio <= TARGET_RATIO)
     table.add("   the same rounds, payloads written after the digests (write-ahead off)",
               f"{median(serial) / median(dumped):.2f} ({median(serial) * MS:.0f} ms)")
+    floor = median(hashed) + median(checked)
+    table.add("   floor: SHA-256 + CRC-32 of the same bytes, nothing written / pickle.dump + fsync",
+              f"{floor / median(dumped):.2f} ({median(hashed) * MS:.0f} + "
+              f"{median(checked) * MS:.0f} ms); against the fastest dump "
+              f"({min(dumped) * MS:.0f} ms): {floor / min(dumped):.2f}")
     table.add("   pickle.dump + fsync over an existing file instead (median)",
               f"{median(overwritten) * MS:.0f} ms: ratio {median(recording) / median(overwritten):.2f}")
     table.add(f"4. store on disk after {same} steps recording the same values / after 1",

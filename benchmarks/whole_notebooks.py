@@ -22,7 +22,18 @@ temporary folder as the notebook's folder, a private IPYTHONDIR):
 3. the crash: only the durable notebook's first 90% of steps (rounded down) on another fresh
    store, as if the kernel died there (untimed);
 4. the resume: the whole durable notebook on that store, from a fresh kernel: the first 90%
-   of steps replay, the rest execute.
+   of steps replay, the rest execute;
+5. two floors, plain notebooks that show what no durable notebook can beat:
+   - the resume floor: only the cells the resume replays, each cut down to its top-level
+     import statements (or `pass`): the kernel's start, a round trip per replayed cell, and
+     the imports the restored values need (their classes' modules), with nothing restored and
+     the cells the resume executes left out: a lower bound for any resume;
+   - the persistence floor: the plain notebook with each cell starting with a 256-byte append to a
+     file and its fdatasync: the least that "durable before the cell returns" costs (target 8),
+     with no database at all;
+   - the database floor: the plain notebook with each cell starting with one INSERT of a
+     small row (4 columns, a primary key) into a DuckDB file, on a connection the first cell
+     opens: what DuckDB's commit alone costs a cell (durable_nb's store is DuckDB).
 
 Each run is timed whole (`NotebookClient.execute()`: kernel start, all cells, shutdown) and
 cells only (first cell's busy to last cell's reply, from nbclient's timing metadata). The store
@@ -30,12 +41,14 @@ tells which steps of the resume replayed (their records unchanged) and which exe
 
     python benchmarks/whole_notebooks.py [--cells 200] [--repeat 3] [--quick]
 
-Targets: durable / plain <= 1.15; resume / plain (whole notebook) <= 0.25 (medians).
+Targets: durable / plain <= 1.15; resume / plain (whole notebook) <= 0.25 (medians). The
+floors are printed next to them: where a floor is above a target, no durable_nb can meet it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import os
 import shutil
@@ -90,6 +103,56 @@ def plain_notebook(notebook: NotebookNode) -> NotebookNode:
         if is_step(cell):
             cell.source = cell.source.lstrip().split("\n", 1)[1]
     return plain
+
+
+def imports_only(source: str) -> str:
+    """A cell's top-level import statements, in order (`pass` if none): the least a replay of
+    its values must do, since a restored object needs its class's module."""
+    kept = [node for node in ast.parse(source).body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    return "\n".join(ast.unparse(node) for node in kept) or "pass"
+
+
+def resume_floor_notebook(plain: NotebookNode, replayed: int) -> NotebookNode:
+    """The plain notebook's first `replayed` code cells (the steps a resume replays: every code
+    cell of the plain notebook is a step of the durable one) cut to their imports, and nothing
+    after them: less than any resume does (it also runs the rest), so a lower bound."""
+    floor = copy.deepcopy(plain)
+    floor.cells = [cell for cell in floor.cells if cell.cell_type == "code"][:replayed]
+    for cell in floor.cells:
+        cell.source = imports_only(cell.source)
+    return floor
+
+
+def persistence_floor_notebook(plain: NotebookNode, log: str) -> NotebookNode:
+    """The plain notebook with each code cell starting with a small append to `log`, fdatasynced."""
+    floor = copy.deepcopy(plain)
+    opening = nbformat.v4.new_code_cell(
+        f"import os as _floor_os\n_floor_log = _floor_os.open({log!r}, "
+        "_floor_os.O_WRONLY | _floor_os.O_APPEND | _floor_os.O_CREAT)")
+    for cell in floor.cells:
+        if cell.cell_type == "code":
+            # First, not last: a cell that ends in an expression keeps its displayed value.
+            cell.source = (f"_floor_os.write(_floor_log, b'.' * 256); _floor_os.fdatasync(_floor_log)\n"
+                           f"{cell.source}")
+    floor.cells.insert(0, opening)
+    return floor
+
+
+def database_floor_notebook(plain: NotebookNode, store: str) -> NotebookNode:
+    """The plain notebook with each code cell starting with one INSERT (its own commit) into a
+    DuckDB file, on one connection."""
+    floor = copy.deepcopy(plain)
+    opening = nbformat.v4.new_code_cell(
+        f"import duckdb as _floor_duckdb\n_floor_db = _floor_duckdb.connect({store!r})\n"
+        "_floor_db.execute('SET threads = 1')\n"
+        "_floor_db.execute('CREATE TABLE steps (workflow_id VARCHAR, sequence_number INTEGER, "
+        "outputs VARCHAR, data BLOB, PRIMARY KEY (workflow_id, sequence_number))')")
+    code = [cell for cell in floor.cells if cell.cell_type == "code"]
+    for number, cell in enumerate(code, start=1):
+        cell.source = (f"_floor_db.execute('INSERT INTO steps VALUES (?, ?, ?, ?)', "
+                       f"['floor', {number}, '[]', b'']);\n{cell.source}")
+    floor.cells.insert(0, opening)
+    return floor
 
 
 def durable_notebook(notebook: NotebookNode, workflow: str, store: str) -> NotebookNode:
@@ -167,6 +230,9 @@ class Figures:
     plain: list[Run]
     durable: list[Run]
     resume: list[Run]
+    resume_floor: list[Run]
+    persistence_floor: list[Run]
+    database_floor: list[Run]
     step_names: list[str]
     executed_ok: bool = True  # every step of the durable run executed
     replayed: int = 0  # steps of the (last) resume whose record the crash run left unchanged
@@ -182,7 +248,7 @@ def measure(name: str, notebook: NotebookNode, workdir: str, env: dict[str, str]
     names = step_names(first)
     _, crashed_steps = crashed_notebook(first)
     figures = Figures(name, sum(cell.cell_type == "code" for cell in plain.cells), len(names),
-                      crashed_steps, [], [], [], names)
+                      crashed_steps, [], [], [], [], [], [], names)
     for attempt in range(repeat):
         figures.plain.append(execute(plain, workdir, env))
 
@@ -200,7 +266,20 @@ def measure(name: str, notebook: NotebookNode, workdir: str, env: dict[str, str]
         figures.replayed = sum(1 for step, record in after.items() if before.get(step) == record)
         figures.executed_on_resume = sum(1 for step, record in after.items()
                                          if before.get(step) != record)
+
+        figures.resume_floor.append(execute(resume_floor_notebook(plain, crashed_steps), workdir, env))
+        log = os.path.join(workdir, f"{name}-{attempt}-floor.log")
+        figures.persistence_floor.append(execute(persistence_floor_notebook(plain, log), workdir, env))
+        floor_store = os.path.join(workdir, f"{name}-{attempt}-floor.duckdb")
+        figures.database_floor.append(execute(database_floor_notebook(plain, floor_store), workdir, env))
     return figures
+
+
+def ratios(runs: list[Run], plain: list[Run]) -> tuple[float, float]:
+    """Median whole-run and cells-only times of `runs` over those of the plain runs."""
+    median = statistics.median
+    return (median(run.whole for run in runs) / median(run.whole for run in plain),
+            median(run.cells for run in runs) / median(run.cells for run in plain))
 
 
 def group(seconds: list[float]) -> str:
@@ -263,17 +342,26 @@ def main() -> int:
 
     table = Targets("issue 9, target 7 (machine: 2 cores, shared with other work: figures are noisy)")
     for result in results:
-        for label, runs, target in (("executing all cells as steps", result.durable,
-                                     TARGET_EXECUTE_RATIO),
-                                    (f"resume after a crash at {CRASH_FRACTION:.0%} "
-                                     f"({result.crashed_steps} of {result.steps} steps replay)",
-                                     result.resume, TARGET_RESUME_RATIO)):
-            whole = median(run.whole for run in runs) / median(run.whole for run in result.plain)
-            cells = median(run.cells for run in runs) / median(run.cells for run in result.plain)
+        for label, runs, target, floor_label, floor in (
+                ("executing all cells as steps", result.durable, TARGET_EXECUTE_RATIO,
+                 "persistence floor: plain cells + a 256-byte append and fdatasync each",
+                 result.persistence_floor),
+                (f"resume after a crash at {CRASH_FRACTION:.0%} "
+                 f"({result.crashed_steps} of {result.steps} steps replay)", result.resume,
+                 TARGET_RESUME_RATIO, "resume floor: only the replayed cells, cut to their imports",
+                 result.resume_floor)):
+            whole, cells = ratios(runs, result.plain)
             table.add(f"7. {result.name}: {label} / plain, whole nbclient run", f"{whole:.2f}",
                       f"<= {target}", whole <= target)
             table.add("   the same, cells only (kernel start left out)", f"{cells:.2f}",
                       f"<= {target}", cells <= target)
+            floor_whole, floor_cells = ratios(floor, result.plain)
+            table.add(f"   {floor_label} / plain, whole (cells only)",
+                      f"{floor_whole:.2f} ({floor_cells:.2f})")
+            if runs is result.durable:
+                floor_whole, floor_cells = ratios(result.database_floor, result.plain)
+                table.add("   database floor: plain cells + one INSERT into a DuckDB file each / "
+                          "plain, whole (cells only)", f"{floor_whole:.2f} ({floor_cells:.2f})")
         ok = result.executed_ok and result.replayed == result.crashed_steps \
             and result.executed_on_resume == result.steps - result.crashed_steps
         table.add(f"   checks: all {result.steps} steps executed; on resume replayed / executed",
