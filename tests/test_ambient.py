@@ -31,8 +31,9 @@ from cycler import cycler
 
 from durable_nb.state import ambient
 
-BUILT_IN_NAMES = ["os.environ", "cwd", "sys.path", "warnings.filters", "random", "numpy.random",
+BUILT_IN_NAMES = ["os.environ", "cwd", "sys.path", "warnings.filters", "logging", "random", "numpy.random",
                   "numpy.printoptions", "pandas.options", "matplotlib.rcParams"]
+TEST_LOGGERS = "durable_nb_test"  # the loggers these tests configure; reset after each
 PANDAS_OPTIONS_CHANGED_HERE = ("display.max_rows", "display.precision", "display.width")
 
 
@@ -54,8 +55,20 @@ def isolated_process_state() -> Iterator[None]:
     environ = dict(os.environ)
     path = list(sys.path)
     folder = os.getcwd()
+    root = logging.getLogger()
+    root_level, root_handlers, disabled_below = root.level, list(root.handlers), root.manager.disable
     with warnings.catch_warnings(), np.printoptions(), pd.option_context(*pandas_options):
         yield
+    for name, item in list(logging.root.manager.loggerDict.items()):
+        if name.startswith(TEST_LOGGERS) and isinstance(item, logging.Logger):
+            for handler in item.handlers:
+                handler.close()
+            item.handlers[:] = []
+            item.setLevel(logging.NOTSET)
+            item.propagate, item.disabled = True, False
+    root.handlers[:] = root_handlers
+    root.setLevel(root_level)
+    logging.disable(disabled_below)
     os.chdir(folder)
     sys.path[:] = path
     for name in set(os.environ) - set(environ):
@@ -220,6 +233,135 @@ def test_warning_filters_replay_and_forget_warnings_already_shown(
         warn_replay_test()
 
 
+def test_logging_basic_config_replays_to_a_root_logger_that_logs_the_same() -> None:
+    root = logging.getLogger()
+    before = ambient.snapshot()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s|%(message)s", force=True)
+    made = root.handlers[0]
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+
+    root.handlers[:] = [made, *before_handlers(before)]  # a plain cell's equal handler stays
+    root.setLevel(logging.WARNING)
+    other = logging.StreamHandler(sys.stderr)
+    root.addHandler(other)  # one the step did not leave: gone, as after the step
+    assert ambient.apply(recorded) == []
+
+    assert list(recorded) == ["logging"]
+    assert root.level == logging.INFO
+    assert root.handlers == [made]
+
+
+def before_handlers(snapshot: dict[str, Any]) -> list[logging.Handler]:
+    return [entry[0] for entry in snapshot["logging"][1][""][3]]
+
+
+def test_logging_handler_made_again_writes_to_the_notebook_stream_with_its_format() -> None:
+    item = logging.getLogger(f"{TEST_LOGGERS}.stream")
+    before = ambient.snapshot()
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("[{levelname}] {message}", "%H", style="{"))
+    item.addHandler(handler)
+    item.setLevel(logging.INFO)
+    item.propagate = False
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+
+    item.removeHandler(handler)
+    item.setLevel(logging.NOTSET)
+    item.propagate = True
+    assert ambient.apply(recorded) == []
+
+    [again] = item.handlers
+    assert again is not handler and type(again) is logging.StreamHandler
+    assert again.stream is sys.stdout and again.level == logging.WARNING
+    assert again.formatter is not None and again.formatter.datefmt == "%H"
+    assert again.format(item.makeRecord(item.name, logging.ERROR, "", 0, "oops", (), None)) \
+        == "[ERROR] oops"
+    assert (item.level, item.propagate) == (logging.INFO, False)
+
+
+def test_logging_a_handler_level_changed_in_place_is_recorded() -> None:
+    item = logging.getLogger(f"{TEST_LOGGERS}.level")
+    handler = logging.StreamHandler(sys.stderr)
+    item.addHandler(handler)
+    before = ambient.snapshot()
+    handler.setLevel(logging.ERROR)
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+
+    handler.setLevel(logging.NOTSET)
+    assert ambient.apply(recorded) == []
+
+    assert [entry.level for entry in item.handlers] == [logging.ERROR]
+
+
+def test_logging_a_null_handler_a_library_adds_is_no_change_and_disable_is() -> None:
+    before = ambient.snapshot()
+    logging.getLogger(f"{TEST_LOGGERS}.library").addHandler(logging.NullHandler())
+    assert ambient.changes(before, ambient.snapshot()) == {}
+
+    logging.disable(logging.WARNING)
+    logging.getLogger(f"{TEST_LOGGERS}.off").disabled = True
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+    logging.disable(logging.NOTSET)
+    logging.getLogger(f"{TEST_LOGGERS}.off").disabled = False
+    assert ambient.apply(recorded) == []
+
+    assert list(recorded["logging"]["loggers"]) == [f"{TEST_LOGGERS}.off"]
+    assert logging.root.manager.disable == logging.WARNING
+    assert logging.getLogger(f"{TEST_LOGGERS}.off").disabled
+
+
+def test_logging_a_handler_that_cannot_be_made_again_is_a_problem_and_the_rest_applies(
+        tmp_path: Path) -> None:
+    import logging.handlers
+
+    item = logging.getLogger(f"{TEST_LOGGERS}.rotating")
+    before = ambient.snapshot()
+    item.setLevel(logging.WARNING)
+    rotating = logging.handlers.RotatingFileHandler(tmp_path / "rotating.log")
+    item.addHandler(rotating)
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+    rotating.close()
+    item.removeHandler(rotating)
+    item.setLevel(logging.NOTSET)
+
+    [problem] = ambient.apply(recorded)
+
+    assert problem.startswith(f"logging: ValueError: the logger {TEST_LOGGERS}.rotating had a "
+                              "logging.handlers.RotatingFileHandler")
+    assert item.level == logging.WARNING and item.handlers == []
+
+
+def test_logging_a_file_handler_replays_in_a_fresh_process_appending_to_its_log(
+        tmp_path: Path) -> None:
+    log_path = tmp_path / "run.log"
+    item = logging.getLogger(f"{TEST_LOGGERS}.file")
+    before = ambient.snapshot()
+    item.setLevel(logging.INFO)
+    item.propagate = False
+    handler = logging.FileHandler(log_path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("{name}|{message}", style="{"))
+    item.addHandler(handler)
+    item.info("before the crash")
+    (tmp_path / "changes.pkl").write_bytes(cloudpickle.dumps(
+        ambient.changes(before, ambient.snapshot())))
+
+    output = run_python(f"""
+        import logging, pickle
+        from durable_nb.state import ambient
+        with open("changes.pkl", "rb") as file:
+            problems = ambient.apply(pickle.load(file))
+        item = logging.getLogger("{TEST_LOGGERS}.file")
+        item.info("after the replay")
+        item.debug("below the level")
+        print(problems, item.level, item.propagate, type(item.handlers[0]).__name__)
+    """, tmp_path)
+
+    assert output.strip() == "[] 20 False FileHandler"
+    assert log_path.read_text(encoding="utf-8") == (
+        f"{TEST_LOGGERS}.file|before the crash\n{TEST_LOGGERS}.file|after the replay\n")
+
+
 def test_environment_variables_set_and_unset_replay() -> None:
     os.environ["DURABLE_NB_AMBIENT_UNSET"] = "from a plain cell"
     before = ambient.snapshot()
@@ -338,16 +480,17 @@ def test_changes_apply_in_a_fresh_process(tmp_path: Path) -> None:
     os.environ["DURABLE_NB_AMBIENT_CURRENCY"] = "EUR"
     sys.path.append(str(tmp_path / "on-path"))
     os.chdir(tmp_path / "step-folder")
+    logging.getLogger(f"{TEST_LOGGERS}.fresh").setLevel(logging.ERROR)
     recorded = ambient.changes(before, ambient.snapshot())
     (tmp_path / "changes.pickle").write_bytes(cloudpickle.dumps(recorded))
     ggplot_keys = sorted(matplotlib.style.library["ggplot"])
     uninterrupted = {"random": random.random(), "numpy": float(np.random.rand()),
                      "max_rows": 7, "precision": 2, "currency": "EUR",
                      "on_path": True, "cwd": os.getcwd(), "warning_raises": True,
-                     "rc": {key: matplotlib.rcParams[key] for key in ggplot_keys}}
+                     "log_level": logging.ERROR, "rc": {key: matplotlib.rcParams[key] for key in ggplot_keys}}
 
     output = run_python(f"""
-        import os, pickle, random, sys, warnings
+        import logging, os, pickle, random, sys, warnings
         from durable_nb.state import ambient
         with open({str(tmp_path / "changes.pickle")!r}, "rb") as file:
             recorded = pickle.load(file)
@@ -364,6 +507,7 @@ def test_changes_apply_in_a_fresh_process(tmp_path: Path) -> None:
                     "currency": os.environ.get("DURABLE_NB_AMBIENT_CURRENCY"),
                     "on_path": {str(tmp_path / "on-path")!r} in sys.path, "cwd": os.getcwd(),
                     "warning_raises": warning_raises,
+                    "log_level": logging.getLogger("{TEST_LOGGERS}.fresh").level,
                     "rc": {{key: matplotlib.rcParams[key] for key in {ggplot_keys!r}}}}}
         with open({str(tmp_path / "observed.pickle")!r}, "wb") as file:
             pickle.dump((problems, observed), file)
@@ -552,3 +696,50 @@ def test_a_step_that_imports_numpy_executed_again_in_a_new_kernel_keeps_later_st
             kernel.stop()
         assert total.strip() == "3"
     assert (tmp_path / "runs.txt").read_text().split() == ["a", "b", "a"]
+
+
+def test_logging_configured_in_a_step_holds_after_it_replays_in_new_kernels(
+        tmp_path: Path) -> None:
+    # Kernel 1 executes both steps; kernel 2 replays them and executes a third; kernel 3
+    # replays all three. A step's log lines are recorded with its outputs, whether its handler
+    # was made in an earlier step or made again by a replay, and shown when it replays; the
+    # handler a variable holds is the logger's; durable_nb's own decisions (DEBUG) are not
+    # among the lines, though the notebook logs at INFO.
+    from .kernels import Kernel
+
+    cells = ["%load_ext durable_nb\n%durable_workflow logging-replay",
+             "%%durable_step setup\nopen('runs.txt', 'a').write('setup ')\nimport logging\n"
+             "logging.basicConfig(level=logging.INFO, format='%(levelname)s|%(message)s')\n"
+             "log = logging.getLogger('work')\n"
+             "file_handler = logging.FileHandler('run.log', mode='w')\n"
+             "file_handler.setFormatter(logging.Formatter('{name}:{message}', style='{'))\n"
+             "log.addHandler(file_handler)",
+             "%%durable_step work\nopen('runs.txt', 'a').write('work ')\nlog.info('working')\n"
+             "log.debug('below the level')"]
+    # A handler a variable holds, changed in place by a later step.
+    more = ("%%durable_step more\nopen('runs.txt', 'a').write('more ')\nlog.warning('more')\n"
+            "file_handler.setLevel(logging.ERROR)\nlog.warning('not in the file')")
+    check = ("print(logging.getLogger().level, file_handler is log.handlers[0], "
+             "file_handler.stream.closed, file_handler.level, len(log.handlers))")
+    checked: list[str] = []
+    env = {"DURABLE_NB_DB": str(tmp_path / "store.duckdb")}
+    seen: list[list[str]] = []
+    for run, notebook in enumerate([cells, [*cells, more], [*cells, more]]):
+        kernel = Kernel(tmp_path, env)
+        kernel.start()
+        try:
+            results = [kernel.execute(cell) for cell in notebook]
+            for result in results:
+                assert result.status == "ok", result.describe_error()
+            seen.append([result.stream_text("stderr") for result in results[2:]])
+            checked.append(kernel.execute(check).stream_text())
+            kernel.execute("file_handler.flush()")
+        finally:
+            kernel.stop()
+
+    both = ["INFO|working\n", "WARNING|more\nWARNING|not in the file\n"]
+    assert seen == [["INFO|working\n"], both, both]
+    assert checked == ["20 True False 0 1\n", "20 True False 40 1\n", "20 True False 40 1\n"]
+    # Made again to append: the log holds every line, as after one uninterrupted run.
+    assert (tmp_path / "run.log").read_text() == "work:working\nwork:more\n"
+    assert (tmp_path / "runs.txt").read_text().split() == ["setup", "work", "more"]

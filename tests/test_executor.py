@@ -272,7 +272,7 @@ def test_a_failed_rerun_keeps_the_last_result_so_undoing_the_change_replays(
 
 
 def test_reasons_are_logged(session: NotebookSession, counter: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="durable_nb")
+    caplog.set_level("DEBUG", logger="durable_nb")
     session.ok("rate = 1")
     session.ok(step(counter, "scale", "v = rate * 2"))
     session.restart()

@@ -336,8 +336,8 @@ def test_unstorable_kinds_never_fail_the_step(session: NotebookSession, kind: st
     assert session.ns["plain"] == kind
 
 
-def test_decisions_are_logged_at_info(session: NotebookSession, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="durable_nb")
+def test_decisions_are_logged_at_debug(session: NotebookSession, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="durable_nb")
     session.ok("%%durable_step a\nx = 1")
     session.restart()
     session.ok("%%durable_step a\nx = 1")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import sys
 import threading
@@ -297,6 +298,11 @@ def recording(display_publisher: Any | None) -> Iterator[OutputRecorder]:
     original_stdout, original_stderr = sys.stdout, sys.stderr
     sys.stdout = recorder.writer(original_stdout, "stdout")
     sys.stderr = recorder.writer(original_stderr, "stderr")
+    # A handler made earlier (logging.basicConfig in a plain cell, or in a step) holds the
+    # stream it was given; in a plain run, ipykernel's stream shows its lines in the running
+    # cell, so here they are recorded too. Handlers the body makes get the recording streams:
+    # they go back to the real ones when the recording ends.
+    _point_handlers({id(original_stdout): sys.stdout, id(original_stderr): sys.stderr})
     try:
         if display_publisher is None:
             yield recorder
@@ -304,8 +310,27 @@ def recording(display_publisher: Any | None) -> Iterator[OutputRecorder]:
             with _recording_displays(display_publisher, recorder):
                 yield recorder
     finally:
+        _point_handlers({id(sys.stdout): original_stdout, id(sys.stderr): original_stderr})
         sys.stdout, sys.stderr = original_stdout, original_stderr
         recorder.finish()
+
+
+def _point_handlers(streams: dict[int, Any]) -> None:
+    """Point the logging StreamHandlers that write to a stream in `streams` (by id) at the
+    stream it maps to (~3 us for a notebook's few dozen loggers)."""
+    loggers = [logging.root, *(item for item in list(logging.root.manager.loggerDict.values())
+                               if isinstance(item, logging.Logger))]
+    for item in loggers:
+        for handler in item.handlers:
+            if isinstance(handler, logging.StreamHandler):
+                target = streams.get(id(handler.stream))
+                if target is not None:
+                    # Not setStream: it flushes, which in a kernel waits for the I/O thread.
+                    handler.acquire()
+                    try:
+                        handler.stream = target
+                    finally:
+                        handler.release()
 
 
 @contextmanager

@@ -278,7 +278,7 @@ class DurableExecutor:
         started = time.perf_counter()
         result, stored = replay.replay(record, self.store, self.host, self.session)
         seconds = time.perf_counter() - started
-        log.info("Replayed step %r (#%d) in %.1f ms", record.step_name, record.sequence_number,
+        log.debug("Replayed step %r (#%d) in %.1f ms", record.step_name, record.sequence_number,
                  seconds * 1000)
         self._emit(StepEvent(record.workflow_id, record.sequence_number, record.step_name,
                              "replayed", reason, seconds, record, previous_status=record.status,
@@ -291,7 +291,9 @@ class DurableExecutor:
                  fingerprint: str, inputs: dict[str, str], decision: Decision,
                  options: StepOptions) -> Any:
         __tracebackhide__ = True  # noqa: F841
-        log.info("Executing step %r (#%d): %s", step_name, decision.sequence_number, decision.reason)
+        # DEBUG, not INFO: a notebook that sets logging to INFO would show a line in every
+        # step's output, and a different one when it replays.
+        log.debug("Executing step %r (#%d): %s", step_name, decision.sequence_number, decision.reason)
         self.session.replayed_positions.discard(decision.sequence_number)
         execution = recording.Execution(workflow_id, step_name, source, transformed, fingerprint,
                                         inputs, decision, options, lambda: self.store,
@@ -367,7 +369,7 @@ class DurableExecutor:
                 self.store, decision.record, outputs, stored, unrestorable):
             # Early cutoff, as a build system does: what later steps read is what they read
             # before, so they stay replayable.
-            log.info("Step %r executed again with the same result: later steps stay "
+            log.debug("Step %r executed again with the same result: later steps stay "
                      "replayable", step_name)
             decision = replace(decision, invalidates_later=False)
         commit = execution.prepare(COMPLETED, outputs, stored, unrestorable, None,

@@ -2,7 +2,8 @@
 
 A step can change state that lives in the process rather than in a variable: it seeds or
 draws from a global random generator, sets a pandas option or a matplotlib style, adds a
-warning filter, sets an environment variable, extends `sys.path` or changes folder. A
+warning filter, sets an environment variable, extends `sys.path`, changes folder or
+configures logging. A
 replay does not run the step's code, so without help those effects would be missing and the
 cells after a replayed step would behave differently from an uninterrupted run.
 
@@ -325,6 +326,190 @@ def _current_folder() -> str:
         return "a folder that no longer exists either"
 
 
+# Logging: each configured logger's level, propagation, disabled flag and handlers, and
+# `logging.disable`'s level. A handler is recorded as what makes it again: a StreamHandler
+# writing to the notebook's stdout or stderr (or the process's own), or a FileHandler (made
+# again in append mode: the log the step wrote stays), with its level and a plain Formatter.
+# NullHandlers are left out: libraries add them when imported, and they show nothing.
+_FORMAT_STYLES = {logging.PercentStyle: "%", logging.StrFormatStyle: "{",
+                  logging.StringTemplateStyle: "$"}
+_STREAM_NAMES = {"stdout": "stdout", "<stdout>": "stdout", "stderr": "stderr",
+                 "<stderr>": "stderr"}
+
+
+def _capture_logging() -> Any:
+    manager = logging.root.manager
+    loggers = {"": _logger_state(logging.root)}
+    for name, item in list(manager.loggerDict.items()):
+        if isinstance(item, logging.Logger) and (item.level or item.handlers
+                                                 or not item.propagate or item.disabled):
+            loggers[name] = _logger_state(item)
+    return manager.disable, loggers
+
+
+def _logger_state(item: logging.Logger) -> tuple[Any, ...]:
+    return item.level, item.propagate, item.disabled, tuple(map(_handler_state, item.handlers))
+
+
+def _handler_state(handler: logging.Handler) -> tuple[Any, ...]:
+    """What a snapshot keeps of a handler: the object, and what can change in it in place."""
+    return (handler, handler.level, handler.formatter, tuple(handler.filters),
+            _stream_label(getattr(handler, "stream", None)))
+
+
+def _stream_label(stream: Any) -> Any:
+    """"stdout" or "stderr" for the notebook's streams (in a kernel, ipykernel's, or a step's
+    recording of them), "__stdout__"/"__stderr__" for the process's own, else the stream."""
+    for name in ("stdout", "stderr"):
+        if stream is getattr(sys, name):
+            return name
+    for name in ("stdout", "stderr"):
+        if stream is getattr(sys, f"__{name}__"):
+            return f"__{name}__"
+    label = _STREAM_NAMES.get(getattr(stream, "name", None))  # type: ignore[arg-type]
+    return label if label is not None else stream
+
+
+_DEFAULT_LOGGER = (logging.NOTSET, True, False, ())
+
+
+def _diff_logging(before: Any, after: Any) -> Any:
+    if before == after:  # handlers and formatters compare by identity
+        return None
+    disable_before, loggers_before = before if before is not None else (0, {})
+    disable, loggers = after
+    changed = {}
+    # A logger set back to its defaults (handlers removed, level NOTSET) is no longer listed.
+    for name in {**loggers_before, **loggers}:
+        old, new = loggers_before.get(name, _DEFAULT_LOGGER), loggers.get(name, _DEFAULT_LOGGER)
+        if old != new:
+            described = _describe_logger(new)
+            if described != _describe_logger(old):  # not only a NullHandler added
+                changed[name] = described
+    if not changed and disable == disable_before:
+        return None
+    return {"disable": disable, "loggers": changed}
+
+
+def _describe_logger(state: tuple[Any, ...]) -> dict[str, Any]:
+    level, propagate, disabled, handlers = state
+    return {"level": level, "propagate": propagate, "disabled": disabled,
+            "handlers": [_describe_handler_state(entry) for entry in handlers
+                         if type(entry[0]) is not logging.NullHandler]}
+
+
+def describe_handler(handler: logging.Handler) -> dict[str, Any]:
+    """What makes the handler again (plain data), or {"unsupported": why}."""
+    return _describe_handler_state(_handler_state(handler))
+
+
+def _describe_handler_state(entry: tuple[Any, ...]) -> dict[str, Any]:
+    handler, level, formatter, filters, stream = entry
+    kind = type(handler)
+    what = f"{kind.__module__}.{kind.__qualname__}"
+    if filters:
+        return {"unsupported": f"a {what} with filters"}
+    if formatter is not None and (type(formatter) is not logging.Formatter
+                                  or type(formatter._style) not in _FORMAT_STYLES):
+        return {"unsupported": f"a {what} with a {type(formatter).__qualname__}"}
+    described: dict[str, Any] = {
+        "level": level,
+        "format": None if formatter is None else (
+            formatter._fmt, formatter.datefmt, _FORMAT_STYLES[type(formatter._style)])}
+    if kind is logging.FileHandler and isinstance(handler, logging.FileHandler):
+        return {**described, "file": handler.baseFilename, "encoding": handler.encoding,
+                "errors": handler.errors}
+    if kind is logging.StreamHandler:
+        if isinstance(stream, str):
+            return {**described, "stream": stream}
+        return {"unsupported": f"a StreamHandler writing to {stream!r}"}
+    return {"unsupported": f"a {what}"}
+
+
+def live_handler(description: dict[str, Any]) -> logging.Handler:
+    """The handler a step's variable held, in a replaying process: the one of a logger that
+    matches `description` (made again when the step's logging changes were applied, so the
+    variable and the logger share it, as they did), else a new one."""
+    for item in _loggers():
+        for handler in item.handlers:
+            if _same_handler(handler, description):
+                return handler
+    return _make_handler(description)
+
+
+def _loggers() -> list[logging.Logger]:
+    return [logging.root, *(item for item in list(logging.root.manager.loggerDict.values())
+                            if isinstance(item, logging.Logger))]
+
+
+def _same_handler(handler: logging.Handler, description: dict[str, Any],
+                  target_only: bool = False) -> bool:
+    """Whether the handler is the one described (or writes to the same place, the same way)."""
+    try:
+        found = describe_handler(handler)
+    except Exception:  # noqa: BLE001 - an odd handler is simply not reused
+        return False
+    if target_only:
+        return _target(found) == _target(description)
+    return found == description
+
+
+def _target(description: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in description.items() if key not in ("level", "format")}
+
+
+def _set_level_and_format(handler: logging.Handler, description: dict[str, Any]) -> None:
+    handler.setLevel(description["level"])
+    wanted = description["format"]
+    if describe_handler(handler).get("format") != wanted:
+        handler.setFormatter(None if wanted is None else logging.Formatter(*wanted))
+
+
+def _make_handler(description: dict[str, Any]) -> logging.Handler:
+    handler: logging.Handler
+    if "file" in description:
+        handler = logging.FileHandler(description["file"], "a", description["encoding"],
+                                      errors=description["errors"])
+    else:
+        handler = logging.StreamHandler(getattr(sys, description["stream"]))
+    _set_level_and_format(handler, description)
+    return handler
+
+
+def _apply_logging(change: dict[str, Any]) -> None:
+    logging.disable(change["disable"])
+    problems = []
+    for name, wanted in change["loggers"].items():
+        item = logging.getLogger(name) if name else logging.root
+        item.setLevel(wanted["level"])
+        item.propagate = wanted["propagate"]
+        item.disabled = wanted["disabled"]
+        live = list(item.handlers)
+        handlers: list[logging.Handler] = [handler for handler in live
+                                           if type(handler) is logging.NullHandler]
+        for description in wanted["handlers"]:
+            if "unsupported" in description:
+                problems.append(f"the logger {name or 'root'} had {description['unsupported']}, "
+                                "which cannot be made again")
+                continue
+            # A handler the process has already is kept (made by a plain cell, or by the replay
+            # of an earlier step; variables may hold it): as it is, or set to this level and
+            # format when it writes to the same place.
+            unused = [handler for handler in live if handler not in handlers]
+            handler = next((handler for handler in unused
+                            if _same_handler(handler, description)), None) \
+                or next((handler for handler in unused
+                         if _same_handler(handler, description, target_only=True)), None)
+            if handler is None:
+                handler = _make_handler(description)
+            else:
+                _set_level_and_format(handler, description)
+            handlers.append(handler)
+        item.handlers[:] = handlers
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 # Applied in this order: the environment, folder and import path first, because applying the
 # library kinds imports the library (MPLBACKEND, MPLCONFIGDIR and sys.path matter to that), and
 # the warning filters before the imports that may warn.
@@ -333,6 +518,7 @@ BUILT_IN_STATES: tuple[AmbientState, ...] = (
     AmbientState("cwd", os.getcwd, _apply_cwd),
     AmbientState("sys.path", _capture_sys_path, _apply_sys_path),
     AmbientState("warnings.filters", _capture_warning_filters, _apply_warning_filters),
+    AmbientState("logging", _capture_logging, _apply_logging, _diff_logging),
     AmbientState("random", _capture_random, _apply_random),
     AmbientState("numpy.random", _capture_numpy_random, _apply_numpy_random,
                  _diff_numpy_random),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copyreg
 import io
+import logging
 import pickle
 import sys
 import types
@@ -36,6 +37,7 @@ from typing import Any, Callable, Iterable
 import cloudpickle
 
 from ..errors import RestoreFailed
+from .ambient import describe_handler, live_handler
 from .fingerprint import out_of_band
 from .references import LiveObjects, Missing, describe, qualified_type_name, resolve
 
@@ -77,6 +79,10 @@ class DecodedState:
 def patch_state(value: Any) -> tuple[str, Any] | None:
     """How to put `value`'s current state into another process's live copy of it, in
     place: (kind, state), or None when this object cannot be changed in place."""
+    if isinstance(value, logging.Handler):
+        # Its level and format come back with its logger's (ambient.py); the variable is
+        # then bound to that handler again (StatePickler), not patched.
+        return None
     numpy = sys.modules.get("numpy")
     if numpy is not None and type(value) is numpy.ndarray:
         return "array", value.view()
@@ -200,6 +206,12 @@ class StatePickler(cloudpickle.Pickler):
         self.memo = live.memo(copied)
 
     def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, logging.Handler):
+            # A handler holds a lock and a stream: it is stored as what makes it again, and
+            # a replay finds the one its logger got back (ambient.py), keeping them one.
+            description = describe_handler(obj)
+            if "unsupported" not in description:
+                return live_handler, (description,)
         if isinstance(obj, types.FunctionType) and obj.__globals__ is self.namespace:
             make, arguments, (attributes, slots), *_ = self._dynamic_function_reduce(obj)
             slots = {**slots, "__globals__": {}}  # the live ones, not copies

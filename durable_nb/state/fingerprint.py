@@ -12,6 +12,7 @@ import ast
 import hashlib
 import io
 import itertools
+import logging
 import pickle
 import pickletools
 import sys
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import cloudpickle
 
 from ..records import OPAQUE_PREFIX
+from .ambient import describe_handler
 
 
 
@@ -261,6 +263,8 @@ class _DigestPickler(cloudpickle.Pickler):
         kind = type(obj)
         if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
             return _reduce_notebook_code(obj)
+        if isinstance(obj, logging.Handler):  # by what it does, not its lock and stream
+            return _stand_in, ("logging handler", describe_handler(obj))
         if kind in self._frames:
             reduced = _reduce_pandas(obj, self._pandas)
             if reduced is not None:
