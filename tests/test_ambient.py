@@ -724,7 +724,7 @@ def test_logging_configured_in_a_step_holds_after_it_replays_in_new_kernels(
     checked: list[str] = []
     env = {"DURABLE_NB_DB": str(tmp_path / "store.duckdb")}
     seen: list[list[str]] = []
-    for run, notebook in enumerate([cells, [*cells, more], [*cells, more]]):
+    for notebook in [cells, [*cells, more], [*cells, more]]:
         kernel = Kernel(tmp_path, env)
         kernel.start()
         try:
