@@ -33,6 +33,8 @@ def unload_ipython_extension(shell: Any) -> None:
     magics = shell.magics_manager.registry.pop("DurableMagics", None)
     if magics is None:
         return
+    if magics.await_awaiting_steps in shell.input_transformers_post:
+        shell.input_transformers_post.remove(magics.await_awaiting_steps)
     magics.executor.host.close()  # its pre/post_run_cell event handlers
     magics.executor.close()  # its store connection
     for kind, names in magics.magics.items():  # what @magics_class registered, by kind

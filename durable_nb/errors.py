@@ -61,7 +61,7 @@ def _raised_in_a_steps_code(error: BaseException) -> bool:
         entry = exception.__traceback__ if exception is not None else None
         while entry is not None:
             frame = entry.tb_frame
-            if frame.f_code.co_name == "run_compiled" \
+            if frame.f_code.co_name in ("run_compiled", "run_compiled_awaiting") \
                     and frame.f_globals.get("__name__") == "durable_nb.cells.cell":
                 return True
             entry = entry.tb_next

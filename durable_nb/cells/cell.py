@@ -9,12 +9,17 @@ registered AST transformers, as for any cell) and lends its compiler.
 from __future__ import annotations
 
 import ast
+import inspect
 import tokenize
 from dataclasses import dataclass
 from types import CodeType
 from typing import Any, Callable
 
 from IPython.core.displayhook import DisplayHook
+
+
+# The compiler flag that lets a cell await at top level (IPython's autoawait compiles with it).
+ALLOW_AWAIT = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,31 @@ def run_compiled(cell: CompiledCell, namespace: dict[str, Any]) -> Any:
         return None
     value = eval(cell.last_expression, namespace)  # noqa: S307
     return None if cell.silent else value
+
+
+async def run_compiled_awaiting(cell: CompiledCell, namespace: dict[str, Any]) -> Any:
+    """`run_compiled` for a cell compiled to await at top level (`awaits`): code that
+    awaits evaluates to a coroutine, which is awaited, as IPython's autoawait does."""
+    __tracebackhide__ = True  # noqa: F841
+    running = eval(cell.body, namespace)  # noqa: S307
+    if _awaits(cell.body):
+        await running
+    if cell.last_expression is None:
+        return None
+    value = eval(cell.last_expression, namespace)  # noqa: S307
+    if _awaits(cell.last_expression):
+        value = await value
+    return None if cell.silent else value
+
+
+def awaits(cell: CompiledCell) -> bool:
+    """Whether the cell's code awaits at top level (compiled with ALLOW_TOP_LEVEL_AWAIT)."""
+    return _awaits(cell.body) or (cell.last_expression is not None
+                                  and _awaits(cell.last_expression))
+
+
+def _awaits(code: CodeType) -> bool:
+    return bool(code.co_flags & inspect.CO_COROUTINE)
 
 
 def ends_with_semicolon(source: str) -> bool:

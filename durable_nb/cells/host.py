@@ -8,6 +8,7 @@ executor run (and be tested) without IPython.
 from __future__ import annotations
 
 import ast
+import inspect
 import linecache
 import logging
 import sys
@@ -15,7 +16,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Callable, Protocol
 
 from .capture import OutputRecorder, recording
-from .cell import CompiledCell, compile_cell
+from .cell import ALLOW_AWAIT, CompiledCell, compile_cell
 from ..magic_lines import is_step_cell
 from ..state.changes import is_ipython_internal
 
@@ -28,7 +29,9 @@ class Host(Protocol):
 
     def is_hidden(self, name: str) -> bool: ...
     def transform(self, source: str) -> str: ...
-    def compile(self, source: str, step_name: str) -> CompiledCell: ...
+    def compile(self, source: str, step_name: str, awaiting: bool = False) -> CompiledCell: ...
+
+    def awaits(self, source: str) -> bool: ...
     def recording(self) -> AbstractContextManager[OutputRecorder]: ...
     def format_result(self, value: Any) -> tuple[dict[str, Any], dict[str, Any]]: ...
     def after_body(self) -> None: ...
@@ -121,12 +124,26 @@ class IPythonHost:
     def transform(self, source: str) -> str:
         return self.shell.transform_cell(source)  # type: ignore[no-any-return]
 
-    def compile(self, source: str, step_name: str) -> CompiledCell:
+    def awaits(self, source: str) -> bool:
+        """Whether a step's code awaits at top level (asked of each step cell; those without
+        the word cost a text search)."""
+        if "await" not in source and "async" not in source:
+            return False
+        try:
+            code = compile(self.transform(source), "<durable step>", "exec",
+                           self.shell.compile.flags | ALLOW_AWAIT, dont_inherit=True)
+        except SyntaxError:
+            return False  # executing it says so
+        return bool(code.co_flags & inspect.CO_COROUTINE)
+
+    def compile(self, source: str, step_name: str, awaiting: bool = False) -> CompiledCell:
         """As IPython compiles a cell: its parser, its AST transformers (other extensions'
-        included), its compiler; the source cached so tracebacks show the user's lines."""
+        included), its compiler; the source cached so tracebacks show the user's lines.
+        `awaiting`: top-level await allowed, as IPython's autoawait allows it."""
         filename = self.shell.compile.cache(source, self.shell.execution_count)
         tree = self.shell.transform_ast(self.shell.compile.ast_parse(source, filename))
-        return compile_cell(tree, source, filename, self.shell.compile)
+        with self.shell.compile.extra_flags(ALLOW_AWAIT if awaiting else 0):
+            return compile_cell(tree, source, filename, self.shell.compile)
 
     def recording(self) -> AbstractContextManager[OutputRecorder]:
         return recording(self.shell.display_pub)
@@ -192,10 +209,15 @@ class PlainHost:
     def transform(self, source: str) -> str:
         return source
 
-    def compile(self, source: str, step_name: str) -> CompiledCell:
+    def awaits(self, source: str) -> bool:
+        return False  # no event loop to run it on: such code fails to compile, as in Python
+
+    def compile(self, source: str, step_name: str, awaiting: bool = False) -> CompiledCell:
         filename = f"<durable step {step_name}>"
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        return compile_cell(ast.parse(source, filename, "exec"), source, filename)
+        flags = ALLOW_AWAIT if awaiting else 0
+        return compile_cell(ast.parse(source, filename, "exec"), source, filename,
+                            lambda tree, name, mode: compile(tree, name, mode, flags))
 
     def recording(self) -> AbstractContextManager[OutputRecorder]:
         return recording(None)

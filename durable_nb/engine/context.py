@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, Callable, Iterator, Literal
 
 from ..backoff import interrupt_arrived, interrupts_settled
-from ..cells.cell import run_compiled
+from ..cells.cell import run_compiled, run_compiled_awaiting
 from ..errors import DurableError, DurableWarning, NotInStepError, StepTimedOut, StepTimeoutError
 
 
@@ -139,6 +139,9 @@ _PACKAGE_DIRECTORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OUTPUT_PLUMBING = os.path.join(_PACKAGE_DIRECTORY, "cells", "capture.py")
 
 
+_RUNNERS = (run_compiled.__code__, run_compiled_awaiting.__code__)
+
+
 def steps_code_entries(interrupt: BaseException) -> list[TracebackType] | None:
     """The traceback entries from the step's code on, if the interrupt stopped that code
     (rather than durable_nb's work around it), without durable_nb's output plumbing (a print
@@ -149,7 +152,7 @@ def steps_code_entries(interrupt: BaseException) -> list[TracebackType] | None:
         entries.append(entry)
         entry = entry.tb_next
     start = next((index for index, entry in enumerate(entries)
-                  if entry.tb_frame.f_code is run_compiled.__code__), None)
+                  if entry.tb_frame.f_code in _RUNNERS), None)
     if start is None:
         return None
     kept = [entry for entry in entries[start + 1:]

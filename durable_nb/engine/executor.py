@@ -12,6 +12,7 @@ attempts, whose record recording.py makes and the executor commits.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -19,13 +20,13 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 from ..backoff import WaitCutShort, backoff_delay
-from ..cells.cell import run_compiled
+from ..cells.cell import CompiledCell, run_compiled, run_compiled_awaiting
 from ..cells.host import Host
 from ..errors import (NonDeterminismError, StepInterrupted, StepNotRecordedError,
-                      StoreLockedError, WorkflowNotNamedError)
+                      StepTimeoutError, StoreLockedError, WorkflowNotNamedError)
 from ..options import StepOptions
 from ..records import COMPLETED, StepRecord, StoredOutput, StoredVariable
 from ..state.fingerprint import code_fingerprint
@@ -199,6 +200,22 @@ class DurableExecutor:
         Returns the value to show as the cell's result (None for none).
         """
         __tracebackhide__ = True  # noqa: F841
+        return _run(self._step(step_name, source, options, awaiting=False), self.host.namespace)
+
+    async def run_step_awaiting(self, step_name: str, source: str,
+                                options: StepOptions = StepOptions()) -> Any:
+        """`run_step` for a step whose code awaits at top level, as a cell may under
+        IPython's autoawait: its code runs on the caller's event loop (a kernel's own, where
+        objects it makes, such as a client session, stay usable in later cells)."""
+        __tracebackhide__ = True  # noqa: F841
+        return await _run_awaiting(self._step(step_name, source, options, awaiting=True),
+                                   self.host.namespace)
+
+    def _step(self, step_name: str, source: str, options: StepOptions,
+              awaiting: bool) -> _Steps:
+        """The step, asking its driver (`_run`, `_run_awaiting`) to run its code and to wait
+        between attempts; the only part of it that differs when the code awaits."""
+        __tracebackhide__ = True  # noqa: F841
         session = self.session
         self._commit_pending()
         try:
@@ -228,8 +245,8 @@ class DurableExecutor:
                 decision = replace(decision, replay=False,
                                    reason=replay.fall_back(step_name, exc, self.strict))
         try:
-            return self._execute(workflow_id, step_name, source, transformed, fingerprint,
-                                 inputs, decision, options)
+            return (yield from self._execute(workflow_id, step_name, source, transformed,
+                                             fingerprint, inputs, decision, options, awaiting))
         except KeyboardInterrupt as exc:
             if isinstance(exc, StepInterrupted) or stopped_the_steps_code(exc):
                 raise  # its traceback shows where the step's code was
@@ -289,7 +306,7 @@ class DurableExecutor:
 
     def _execute(self, workflow_id: str, step_name: str, source: str, transformed: str,
                  fingerprint: str, inputs: dict[str, str], decision: Decision,
-                 options: StepOptions) -> Any:
+                 options: StepOptions, awaiting: bool) -> _Steps:
         __tracebackhide__ = True  # noqa: F841
         # DEBUG, not INFO: a notebook that sets logging to INFO would show a line in every
         # step's output, and a different one when it replays.
@@ -305,17 +322,19 @@ class DurableExecutor:
         # then stops the cell saying that the step was recorded.
         held = ExitStack()
         for attempt in range(1, options.retries + 2):
-            outcome = self._attempt(execution, attempt, held)
+            outcome = yield from self._attempt(execution, attempt, held, awaiting)
             if outcome.retry_in is None:
                 break
-            _wait_to_retry(execution, attempt, outcome.retry_in)
+            _tell_retry(execution, attempt, outcome.retry_in)
+            yield _Pause(outcome.retry_in)
         with held:
             self._commit_execution(execution, before, outcome.outputs)
         if outcome.interrupts:
             raise StepInterrupted(step_name, recorded=True) from None
         return outcome.value
 
-    def _attempt(self, execution: recording.Execution, attempt: int, held: ExitStack) -> _Attempt:
+    def _attempt(self, execution: recording.Execution, attempt: int, held: ExitStack,
+                 awaiting: bool) -> Generator[_RunCode | _Pause, Any, _Attempt]:
         """Run the step's code once, recording what it shows. A failure is recorded, and
         raised unless a retry follows; a success holds interrupts back (in `held`)."""
         __tracebackhide__ = True  # noqa: F841
@@ -331,9 +350,10 @@ class DurableExecutor:
         with self.host.recording() as recorder:
             try:
                 if execution.compiled is None:
-                    execution.compiled = self.host.compile(execution.transformed, step_name)
-                with running(context), deadline(step_name, options.timeout):
-                    value = run_compiled(execution.compiled, self.host.namespace)
+                    execution.compiled = self.host.compile(execution.transformed, step_name,
+                                                           awaiting=awaiting)
+                with running(context):
+                    value = yield _RunCode(execution.compiled, step_name, options.timeout)
                 self.host.after_body()
                 if value is not None:
                     recorder.result(*self.host.format_result(value))
@@ -416,12 +436,91 @@ class _Attempt:
     retry_in: float | None = None  # it failed: seconds before the next attempt
 
 
-def _wait_to_retry(execution: recording.Execution, attempt: int, delay: float) -> None:
+def _tell_retry(execution: recording.Execution, attempt: int, delay: float) -> None:
     options = execution.options
     print(f"durable_nb: step {execution.step_name!r} attempt {attempt} of {options.retries + 1} "
           f"failed ({execution.attempt_errors[-1]['error']}); retrying in {delay:.2f} s",
           file=sys.stderr, flush=True)
-    time.sleep(delay)
+
+
+# -- running a step: what differs when its code awaits -------------------------------------
+
+@dataclass(frozen=True)
+class _RunCode:
+    """The step asks its driver: run my code (in the namespace), send back its value."""
+
+    compiled: CompiledCell
+    step_name: str
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class _Pause:
+    """The step asks its driver: wait this long (between attempts)."""
+
+    seconds: float
+
+
+_Steps = Generator[_RunCode | _Pause, Any, Any]
+
+
+def _run(steps: _Steps, namespace: dict[str, Any]) -> Any:
+    """Drive a step, running its code in this thread; returns the step's result. What the
+    code raises is raised into the step where it asked, so it records the failure."""
+    __tracebackhide__ = True  # noqa: F841
+    try:
+        request = next(steps)
+        while True:
+            try:
+                if isinstance(request, _Pause):
+                    time.sleep(request.seconds)
+                    answer = None
+                else:
+                    with deadline(request.step_name, request.timeout):
+                        answer = run_compiled(request.compiled, namespace)
+            except BaseException as exc:
+                request = steps.throw(exc)
+            else:
+                request = steps.send(answer)
+    except StopIteration as finished:
+        return finished.value
+
+
+async def _run_awaiting(steps: _Steps, namespace: dict[str, Any]) -> Any:
+    """`_run` on the running event loop: the code and the pauses are awaited. A timeout is
+    asyncio's (a signal landing in the event loop could stop the kernel's own work); the
+    Stop button cancels the code (CancelledError), as it cancels an async cell's."""
+    __tracebackhide__ = True  # noqa: F841
+    try:
+        request = next(steps)
+        while True:
+            try:
+                if isinstance(request, _Pause):
+                    await asyncio.sleep(request.seconds)
+                    answer = None
+                elif request.timeout is None:
+                    answer = await run_compiled_awaiting(request.compiled, namespace)
+                else:
+                    answer = await _within(request, namespace)
+            except BaseException as exc:
+                request = steps.throw(exc)
+            else:
+                request = steps.send(answer)
+    except StopIteration as finished:
+        return finished.value
+
+
+async def _within(request: _RunCode, namespace: dict[str, Any]) -> Any:
+    __tracebackhide__ = True  # noqa: F841
+    assert request.timeout is not None
+    started = time.monotonic()
+    try:
+        return await asyncio.wait_for(run_compiled_awaiting(request.compiled, namespace),
+                                      request.timeout)
+    except asyncio.TimeoutError:
+        if time.monotonic() - started < request.timeout:
+            raise  # the step's code raised it itself
+        raise StepTimeoutError(request.step_name, request.timeout) from None
 
 
 def _previous_status(decision: Decision) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -11,6 +12,10 @@ from traitlets import Bool, Float, observe
 from .. import magic_lines
 from ..engine.executor import DurableExecutor
 from ..cells.host import IPythonHost
+
+
+# What IPython turns a `%%durable_step` cell into, before its post transformers run.
+_STEP_CALL = "get_ipython().run_cell_magic('durable_step', "
 
 
 @magics_class
@@ -30,6 +35,7 @@ class DurableMagics(Magics):
     def __init__(self, shell: Any, **kwargs: Any) -> None:
         super().__init__(shell, **kwargs)
         self.executor = DurableExecutor(IPythonHost(shell), lock_timeout=self.lock_timeout)
+        shell.input_transformers_post.append(self.await_awaiting_steps)
 
     @observe("lock_timeout")
     def _lock_timeout_changed(self, change: dict[str, Any]) -> None:  # %config at run time
@@ -61,6 +67,33 @@ class DurableMagics(Magics):
                              "step's code below the magic line.")
         self._show_status_automatically()
         return self.executor.run_step(step.name, cell, step.options())
+
+    async def durable_step_awaiting(self, line: str, cell: str) -> Any:
+        """%%durable_step for a cell whose code awaits at top level: `await_awaiting_steps`
+        makes the cell await this, so IPython runs it as any cell that awaits."""
+        __tracebackhide__ = True  # noqa: F841
+        step = magic_lines.parse_step_line(line)
+        self._show_status_automatically()
+        return await self.executor.run_step_awaiting(step.name, cell, step.options())
+
+    def await_awaiting_steps(self, lines: list[str]) -> list[str]:
+        """IPython input transformer (after its own, which made the cell magic a call): a
+        %%durable_step cell whose code awaits at top level becomes an `await` of
+        `durable_step_awaiting`. IPython's autoawait then runs the cell on the kernel's event
+        loop, as it runs a plain cell that awaits; the magic alone could not, being called
+        from inside that loop."""
+        if len(lines) != 1 or not lines[0].startswith(_STEP_CALL) \
+                or not getattr(self.shell, "autoawait", False):
+            return lines
+        try:
+            call = ast.parse(lines[0]).body[0].value  # type: ignore[attr-defined]
+            line, cell = (argument.value for argument in call.args[1:])
+        except (SyntaxError, AttributeError, IndexError, ValueError):
+            return lines
+        if not self.executor.host.awaits(cell):
+            return lines
+        return [f"await get_ipython().magics_manager.registry['DurableMagics']"
+                f".durable_step_awaiting({line!r}, {cell!r})\n"]
 
     @line_magic
     @magic_lines.arguments_of(magic_lines.durable_reset)
