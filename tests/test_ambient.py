@@ -9,6 +9,7 @@ in a new Python process that never ran the step.
 from __future__ import annotations
 
 import copy
+import decimal
 import logging
 import os
 import pickle
@@ -31,7 +32,8 @@ from cycler import cycler
 
 from durable_nb.state import ambient
 
-BUILT_IN_NAMES = ["os.environ", "cwd", "sys.path", "warnings.filters", "logging", "random", "numpy.random",
+BUILT_IN_NAMES = ["os.environ", "cwd", "sys.path", "warnings.filters", "logging",
+                  "sys.recursionlimit", "decimal.context", "random", "numpy.random",
                   "numpy.printoptions", "pandas.options", "matplotlib.rcParams"]
 TEST_LOGGERS = "durable_nb_test"  # the loggers these tests configure; reset after each
 PANDAS_OPTIONS_CHANGED_HERE = ("display.max_rows", "display.precision", "display.width")
@@ -57,8 +59,11 @@ def isolated_process_state() -> Iterator[None]:
     folder = os.getcwd()
     root = logging.getLogger()
     root_level, root_handlers, disabled_below = root.level, list(root.handlers), root.manager.disable
-    with warnings.catch_warnings(), np.printoptions(), pd.option_context(*pandas_options):
+    recursion_limit = sys.getrecursionlimit()
+    with warnings.catch_warnings(), np.printoptions(), pd.option_context(*pandas_options), \
+            decimal.localcontext():
         yield
+    sys.setrecursionlimit(recursion_limit)
     for name, item in list(logging.root.manager.loggerDict.items()):
         if name.startswith(TEST_LOGGERS) and isinstance(item, logging.Logger):
             for handler in item.handlers:
@@ -362,6 +367,43 @@ def test_logging_a_file_handler_replays_in_a_fresh_process_appending_to_its_log(
         f"{TEST_LOGGERS}.file|before the crash\n{TEST_LOGGERS}.file|after the replay\n")
 
 
+def test_decimal_context_and_recursion_limit_replay() -> None:
+    before = ambient.snapshot()
+    context = decimal.getcontext()
+    context.prec = 50
+    context.rounding = decimal.ROUND_DOWN
+    context.traps[decimal.Inexact] = True
+    sys.setrecursionlimit(5000)
+    uninterrupted = square_root_of_two()
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+
+    decimal.setcontext(decimal.Context())
+    sys.setrecursionlimit(1000)
+    assert ambient.apply(recorded) == []
+
+    assert sorted(recorded) == ["decimal.context", "sys.recursionlimit"]
+    assert sys.getrecursionlimit() == 5000
+    context = decimal.getcontext()
+    assert (context.prec, context.rounding) == (50, decimal.ROUND_DOWN)
+    assert context.traps[decimal.Inexact] and context.traps[decimal.DivisionByZero]
+    with pytest.raises(decimal.Inexact):  # the trap the step set, not only the precision
+        decimal.Decimal(2).sqrt()
+    assert square_root_of_two() == uninterrupted
+
+
+def square_root_of_two() -> str:
+    """In the current context's precision and rounding, its Inexact trap left out."""
+    with decimal.localcontext() as local:
+        local.traps[decimal.Inexact] = False
+        return str(decimal.Decimal(2).sqrt())
+
+
+def test_decimal_results_unchanged_record_no_change() -> None:
+    before = ambient.snapshot()
+    decimal.Decimal(1) / decimal.Decimal(3)  # raises the Inexact and Rounded flags only
+    assert ambient.changes(before, ambient.snapshot()) == {}
+
+
 def test_environment_variables_set_and_unset_replay() -> None:
     os.environ["DURABLE_NB_AMBIENT_UNSET"] = "from a plain cell"
     before = ambient.snapshot()
@@ -481,16 +523,19 @@ def test_changes_apply_in_a_fresh_process(tmp_path: Path) -> None:
     sys.path.append(str(tmp_path / "on-path"))
     os.chdir(tmp_path / "step-folder")
     logging.getLogger(f"{TEST_LOGGERS}.fresh").setLevel(logging.ERROR)
+    sys.setrecursionlimit(4321)
+    decimal.getcontext().prec = 42
     recorded = ambient.changes(before, ambient.snapshot())
     (tmp_path / "changes.pickle").write_bytes(cloudpickle.dumps(recorded))
     ggplot_keys = sorted(matplotlib.style.library["ggplot"])
     uninterrupted = {"random": random.random(), "numpy": float(np.random.rand()),
                      "max_rows": 7, "precision": 2, "currency": "EUR",
                      "on_path": True, "cwd": os.getcwd(), "warning_raises": True,
-                     "log_level": logging.ERROR, "rc": {key: matplotlib.rcParams[key] for key in ggplot_keys}}
+                     "log_level": logging.ERROR, "recursion": 4321, "decimal_precision": 42,
+                     "rc": {key: matplotlib.rcParams[key] for key in ggplot_keys}}
 
     output = run_python(f"""
-        import logging, os, pickle, random, sys, warnings
+        import decimal, logging, os, pickle, random, sys, warnings
         from durable_nb.state import ambient
         with open({str(tmp_path / "changes.pickle")!r}, "rb") as file:
             recorded = pickle.load(file)
@@ -508,6 +553,8 @@ def test_changes_apply_in_a_fresh_process(tmp_path: Path) -> None:
                     "on_path": {str(tmp_path / "on-path")!r} in sys.path, "cwd": os.getcwd(),
                     "warning_raises": warning_raises,
                     "log_level": logging.getLogger("{TEST_LOGGERS}.fresh").level,
+                    "recursion": sys.getrecursionlimit(),
+                    "decimal_precision": decimal.getcontext().prec,
                     "rc": {{key: matplotlib.rcParams[key] for key in {ggplot_keys!r}}}}}
         with open({str(tmp_path / "observed.pickle")!r}, "wb") as file:
             pickle.dump((problems, observed), file)

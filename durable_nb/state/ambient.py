@@ -2,8 +2,8 @@
 
 A step can change state that lives in the process rather than in a variable: it seeds or
 draws from a global random generator, sets a pandas option or a matplotlib style, adds a
-warning filter, sets an environment variable, extends `sys.path`, changes folder or
-configures logging. A
+warning filter, sets an environment variable, extends `sys.path`, changes folder,
+configures logging, raises the recursion limit or sets decimal's precision. A
 replay does not run the step's code, so without help those effects would be missing and the
 cells after a replayed step would behave differently from an uninterrupted run.
 
@@ -326,6 +326,31 @@ def _current_folder() -> str:
         return "a folder that no longer exists either"
 
 
+def _capture_decimal_context() -> Any:
+    module = sys.modules.get("decimal")
+    return None if module is None else _decimal_settings(module.getcontext())
+
+
+def _decimal_settings(context: Any) -> tuple[Any, ...]:
+    """A context's settings (not its flags, which every computation may raise)."""
+    return (context.prec, context.rounding, context.Emin, context.Emax, context.capitals,
+            context.clamp, tuple(sorted(kind.__name__ for kind, on in context.traps.items() if on)))
+
+
+def _diff_decimal_context(before: Any, after: Any) -> Any:
+    if before is None:  # the step imported decimal: a fresh import gives DefaultContext's
+        before = _decimal_settings(sys.modules["decimal"].DefaultContext)
+    return _default_diff(before, after)
+
+
+def _apply_decimal_context(settings: tuple[Any, ...]) -> None:
+    decimal = importlib.import_module("decimal")
+    context = decimal.getcontext()
+    (context.prec, context.rounding, context.Emin, context.Emax, context.capitals,
+     context.clamp, traps) = settings
+    context.traps = {kind: kind.__name__ in traps for kind in context.traps}
+
+
 # Logging: each configured logger's level, propagation, disabled flag and handlers, and
 # `logging.disable`'s level. A handler is recorded as what makes it again: a StreamHandler
 # writing to the notebook's stdout or stderr (or the process's own), or a FileHandler (made
@@ -519,6 +544,9 @@ BUILT_IN_STATES: tuple[AmbientState, ...] = (
     AmbientState("sys.path", _capture_sys_path, _apply_sys_path),
     AmbientState("warnings.filters", _capture_warning_filters, _apply_warning_filters),
     AmbientState("logging", _capture_logging, _apply_logging, _diff_logging),
+    AmbientState("sys.recursionlimit", sys.getrecursionlimit, sys.setrecursionlimit),
+    AmbientState("decimal.context", _capture_decimal_context, _apply_decimal_context,
+                 _diff_decimal_context),
     AmbientState("random", _capture_random, _apply_random),
     AmbientState("numpy.random", _capture_numpy_random, _apply_numpy_random,
                  _diff_numpy_random),
