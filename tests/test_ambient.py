@@ -28,13 +28,15 @@ import numpy as np
 import numpy.random
 import pandas as pd
 import pytest
+import sklearn
 from cycler import cycler
 
 from durable_nb.state import ambient
 
 BUILT_IN_NAMES = ["os.environ", "cwd", "sys.path", "warnings.filters", "logging",
                   "sys.recursionlimit", "decimal.context", "random", "numpy.random",
-                  "numpy.printoptions", "pandas.options", "matplotlib.rcParams"]
+                  "numpy.printoptions", "numpy.errstate", "pandas.options", "sklearn.config",
+                  "matplotlib.rcParams"]
 TEST_LOGGERS = "durable_nb_test"  # the loggers these tests configure; reset after each
 PANDAS_OPTIONS_CHANGED_HERE = ("display.max_rows", "display.precision", "display.width")
 
@@ -61,7 +63,7 @@ def isolated_process_state() -> Iterator[None]:
     root_level, root_handlers, disabled_below = root.level, list(root.handlers), root.manager.disable
     recursion_limit = sys.getrecursionlimit()
     with warnings.catch_warnings(), np.printoptions(), pd.option_context(*pandas_options), \
-            decimal.localcontext():
+            decimal.localcontext(), np.errstate(), sklearn.config_context():
         yield
     sys.setrecursionlimit(recursion_limit)
     for name, item in list(logging.root.manager.loggerDict.items()):
@@ -404,6 +406,36 @@ def test_decimal_results_unchanged_record_no_change() -> None:
     assert ambient.changes(before, ambient.snapshot()) == {}
 
 
+def test_numpy_error_handling_and_scikit_learn_config_replay() -> None:
+    before = ambient.snapshot()
+    np.seterr(divide="ignore", invalid="raise")
+    sklearn.set_config(transform_output="pandas", assume_finite=True)
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+
+    np.seterr(divide="warn", invalid="warn")
+    sklearn.set_config(transform_output="default", assume_finite=False)
+    assert ambient.apply(recorded) == []
+
+    assert recorded == {"numpy.errstate": {"divide": "ignore", "invalid": "raise"},
+                        "sklearn.config": {"assume_finite": True, "transform_output": "pandas"}}
+    with pytest.raises(FloatingPointError):
+        np.array([0.0]) / np.array([0.0])
+    assert sklearn.get_config()["transform_output"] == "pandas"
+
+
+def test_a_scikit_learn_setting_this_version_lacks_is_a_problem_and_the_rest_applies() -> None:
+    before = ambient.snapshot()
+    sklearn.set_config(working_memory=64)
+    recorded = through_pickle(ambient.changes(before, ambient.snapshot()))
+    recorded["sklearn.config"]["no_such_setting"] = True  # recorded by another version
+    sklearn.set_config(working_memory=1024)
+
+    [problem] = ambient.apply(recorded)
+
+    assert problem.startswith("sklearn.config: ValueError: could not set no_such_setting")
+    assert sklearn.get_config()["working_memory"] == 64
+
+
 def test_environment_variables_set_and_unset_replay() -> None:
     os.environ["DURABLE_NB_AMBIENT_UNSET"] = "from a plain cell"
     before = ambient.snapshot()
@@ -525,6 +557,8 @@ def test_changes_apply_in_a_fresh_process(tmp_path: Path) -> None:
     logging.getLogger(f"{TEST_LOGGERS}.fresh").setLevel(logging.ERROR)
     sys.setrecursionlimit(4321)
     decimal.getcontext().prec = 42
+    np.seterr(over="raise")
+    sklearn.set_config(display="text")
     recorded = ambient.changes(before, ambient.snapshot())
     (tmp_path / "changes.pickle").write_bytes(cloudpickle.dumps(recorded))
     ggplot_keys = sorted(matplotlib.style.library["ggplot"])
@@ -532,6 +566,7 @@ def test_changes_apply_in_a_fresh_process(tmp_path: Path) -> None:
                      "max_rows": 7, "precision": 2, "currency": "EUR",
                      "on_path": True, "cwd": os.getcwd(), "warning_raises": True,
                      "log_level": logging.ERROR, "recursion": 4321, "decimal_precision": 42,
+                     "numpy_over": "raise", "sklearn_display": "text",
                      "rc": {key: matplotlib.rcParams[key] for key in ggplot_keys}}
 
     output = run_python(f"""
@@ -555,6 +590,8 @@ def test_changes_apply_in_a_fresh_process(tmp_path: Path) -> None:
                     "log_level": logging.getLogger("{TEST_LOGGERS}.fresh").level,
                     "recursion": sys.getrecursionlimit(),
                     "decimal_precision": decimal.getcontext().prec,
+                    "numpy_over": np.geterr()["over"],
+                    "sklearn_display": __import__("sklearn").get_config()["display"],
                     "rc": {{key: matplotlib.rcParams[key] for key in {ggplot_keys!r}}}}}
         with open({str(tmp_path / "observed.pickle")!r}, "wb") as file:
             pickle.dump((problems, observed), file)

@@ -3,14 +3,15 @@
 A step can change state that lives in the process rather than in a variable: it seeds or
 draws from a global random generator, sets a pandas option or a matplotlib style, adds a
 warning filter, sets an environment variable, extends `sys.path`, changes folder,
-configures logging, raises the recursion limit or sets decimal's precision. A
+configures logging, raises the recursion limit, sets decimal's precision, numpy's error
+handling (`np.seterr`) or scikit-learn's configuration (`set_config`). A
 replay does not run the step's code, so without help those effects would be missing and the
 cells after a replayed step would behave differently from an uninterrupted run.
 
 The executor calls `snapshot()` before and after a step's body, keeps `changes(before, after)`
 with the step's record, and calls `apply(recorded)` when it replays the step in a new process.
 Each kind of state is an `AmbientState`; the built-ins cover the standard library, numpy,
-pandas and matplotlib, and other packages add kinds with `register()` or an entry point in the
+pandas, matplotlib and scikit-learn, and other packages add kinds with `register()` or an entry point in the
 group `durable_nb.ambient`.
 
 Snapshots run twice per executed step, so they are cheap (tens of microseconds), and they
@@ -207,6 +208,24 @@ def _apply_numpy_printoptions(change: dict[str, Any]) -> None:
         raise ValueError(f"this numpy does not know the print options {', '.join(unknown)}")
 
 
+def _capture_numpy_errstate() -> Any:
+    numpy = sys.modules.get("numpy")
+    geterr = getattr(numpy, "geterr", None)
+    return None if geterr is None else geterr()
+
+
+def _diff_numpy_errstate(before: dict[str, str] | None, after: dict[str, str]) -> Any:
+    if before is None:  # numpy was imported by the step: what a fresh context gives
+        import contextvars
+
+        before = contextvars.Context().run(sys.modules["numpy"].geterr)
+    return _changed_keys(before, after)
+
+
+def _apply_numpy_errstate(change: dict[str, str]) -> None:
+    importlib.import_module("numpy").seterr(**change)
+
+
 def _capture_pandas_options() -> Any:
     config = sys.modules.get("pandas._config.config")
     if config is None:
@@ -238,6 +257,23 @@ def _diff_pandas_options(before: dict[str, Any] | None, after: dict[str, Any]) -
 def _apply_pandas_options(change: dict[str, Any]) -> None:
     pandas = importlib.import_module("pandas")
     _set_each(pandas.set_option, change)
+
+
+def _capture_sklearn_config() -> Any:
+    sklearn = sys.modules.get("sklearn")
+    get_config = getattr(sklearn, "get_config", None)
+    return None if get_config is None else get_config()
+
+
+def _diff_sklearn_config(before: dict[str, Any] | None, after: dict[str, Any]) -> Any:
+    if before is None:  # scikit-learn was imported by the step: its defaults
+        before = dict(sys.modules["sklearn._config"]._global_config)
+    return _changed_keys(before, after)
+
+
+def _apply_sklearn_config(change: dict[str, Any]) -> None:
+    set_config = importlib.import_module("sklearn").set_config
+    _set_each(lambda key, value: set_config(**{key: value}), change)
 
 
 def _capture_matplotlib_rcparams() -> Any:
@@ -552,8 +588,12 @@ BUILT_IN_STATES: tuple[AmbientState, ...] = (
                  _diff_numpy_random),
     AmbientState("numpy.printoptions", _capture_numpy_printoptions, _apply_numpy_printoptions,
                  _changed_keys),
+    AmbientState("numpy.errstate", _capture_numpy_errstate, _apply_numpy_errstate,
+                 _diff_numpy_errstate),
     AmbientState("pandas.options", _capture_pandas_options, _apply_pandas_options,
                  _diff_pandas_options),
+    AmbientState("sklearn.config", _capture_sklearn_config, _apply_sklearn_config,
+                 _diff_sklearn_config),
     AmbientState("matplotlib.rcParams", _capture_matplotlib_rcparams,
                  _apply_matplotlib_rcparams, _changed_keys),
 )
