@@ -261,3 +261,44 @@ def test_a_steps_record_refers_only_to_what_it_can_reach(session: NotebookSessio
     session.ok(step)
     assert runs(counter) == ["use"]
     assert session.ns["derived"][0] is session.ns["base"] is session.ns["derived"][1]
+
+
+def test_regex_matches_replay_as_the_same_matches(session: NotebookSession,
+                                                  counter: Path) -> None:
+    # Pickle refuses a re.Match; a step stores it as the call that finds it again (checked
+    # to give the same spans), so `m = re.search(...)` in a step replays.
+    body = ("import re\npattern = re.compile(r'(?P<a>\\d+)-(\\d+)?')\n"
+            "found = pattern.search('id 12-34 and 5-', 2, 14)\n"
+            "whole = re.fullmatch(rb'(a|ab)(c|bcd)?', b'abcd')\n"
+            "prefix = re.match(r'\\w+', 'hello world')\n"
+            "last = list(pattern.finditer('1- 2-3'))[-1]")
+    run_twice(session, [counted_step(counter, "matches", body)])
+
+    assert runs(counter) == ["matches"]
+    ns = session.ns
+    found, whole, prefix, last = ns["found"], ns["whole"], ns["prefix"], ns["last"]
+    assert (found.span(), found.groups(), found.group("a"), found.pos, found.endpos) == (
+        (3, 8), ("12", "34"), "12", 2, 14)
+    assert found.re is ns["pattern"]  # the step's pattern, one object, as before
+    assert (whole.groups(), whole.span()) == ((b"a", b"bcd"), (0, 4))
+    assert (prefix.group(), prefix.lastindex) == ("hello", None)
+    assert (last.span(), last.groups()) == ((3, 6), ("2", "3"))
+
+
+def test_a_match_past_the_scan_limit_is_left_out_with_a_warning(
+        session: NotebookSession, counter: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import durable_nb.state.codec as codec
+
+    monkeypatch.setattr(codec, "MATCH_SCAN_LIMIT", 2)  # finditer's fifth match lies past it
+    with pytest.warns(DurableWarning, match=r"'late' \(TypeError: cannot pickle 're.Match'"):
+        session.ok(counted_step(counter, "late", "import re\n"
+                                "late = list(re.finditer(r'\\d', '12345'))[-1]\n"
+                                "early = list(re.finditer(r'\\d', '12345'))[1]"))
+    session.restart()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DurableWarning)
+        session.ok(counted_step(counter, "late", "import re\n"
+                                "late = list(re.finditer(r'\\d', '12345'))[-1]\n"
+                                "early = list(re.finditer(r'\\d', '12345'))[1]"))
+    assert runs(counter) == ["late"]
+    assert "late" not in session.ns and session.ns["early"].span() == (1, 2)

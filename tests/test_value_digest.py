@@ -131,3 +131,13 @@ def test_a_frame_digests_as_its_copy_and_its_restored_copy_and_sees_each_change(
     changed[2] = changed[2].rename(columns={"units": "count"})
     changed[3].index = changed[3].index + pd.Timedelta(days=1)
     assert len({value_digest(other) for other in changed} | same) == 5
+
+
+def test_a_regex_match_counts_by_what_it_matched() -> None:
+    import re
+
+    first = re.search(r"(\d+)", "ab 12 34")
+    assert value_digest(first) == value_digest(re.compile(r"(\d+)").search("ab 12 34"))
+    assert value_digest(first) != value_digest(re.search(r"(\d+)", "ab 12 34", re.ASCII))
+    assert value_digest(first) != value_digest(list(re.finditer(r"(\d+)", "ab 12 34"))[1])
+    assert not is_opaque(value_digest(first))

@@ -28,6 +28,7 @@ import copyreg
 import io
 import logging
 import pickle
+import re
 import sys
 import types
 from collections import deque
@@ -192,6 +193,47 @@ def _set_function_state(function: types.FunctionType, state: Any) -> None:
         setattr(function, name, value)
 
 
+# A match made by finditer (or a scanner) is found again by scanning as far as it: up to this
+# many matches before it are searched through (each one a single regex search).
+MATCH_SCAN_LIMIT = 10_000
+
+
+def reduce_match(match: re.Match[Any]) -> tuple[Any, ...] | None:
+    """A regex match (which pickle refuses) as the call that finds it again: its pattern's
+    search, fullmatch or match on the same string between the same positions, or the n-th
+    match of a scan (finditer's). Only if that call gives this very match (its spans and last
+    group, with the same pos and endpos), checked now; None otherwise."""
+    pattern, string, pos, endpos = match.re, match.string, match.pos, match.endpos
+    for method in ("search", "fullmatch", "match"):
+        if _same_match(getattr(pattern, method)(string, pos, endpos), match):
+            return _find_match, (pattern, method, string, pos, endpos)
+    scanner = getattr(pattern, "scanner", None)  # what finditer uses (CPython, PyPy)
+    if scanner is not None:
+        scan = scanner(string, pos, endpos)
+        for index in range(MATCH_SCAN_LIMIT):
+            found = scan.search()
+            if found is None or found.start() > match.start():
+                break
+            if _same_match(found, match):
+                return _find_match, (pattern, index, string, pos, endpos)
+    return None
+
+
+def _same_match(found: re.Match[Any] | None, match: re.Match[Any]) -> bool:
+    return found is not None and found.regs == match.regs and found.lastindex == match.lastindex
+
+
+def _find_match(pattern: re.Pattern[Any], how: str | int, string: Any, pos: int,
+                endpos: int) -> re.Match[Any] | None:
+    """The match `reduce_match` found: by a method's name, or as the n-th of a scan."""
+    if isinstance(how, str):
+        return getattr(pattern, how)(string, pos, endpos)  # type: ignore[no-any-return]
+    scan = pattern.scanner(string, pos, endpos)  # type: ignore[attr-defined]
+    for _ in range(how):
+        scan.search()
+    return scan.search()  # type: ignore[no-any-return]
+
+
 class StatePickler(cloudpickle.Pickler):
     """cloudpickle, with the step's older objects as references and notebook functions
     bound to the live namespace."""
@@ -206,6 +248,10 @@ class StatePickler(cloudpickle.Pickler):
         self.memo = live.memo(copied)
 
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is re.Match:
+            reduced = reduce_match(obj)
+            if reduced is not None:
+                return reduced
         if isinstance(obj, logging.Handler):
             # A handler holds a lock and a stream: it is stored as what makes it again, and
             # a replay finds the one its logger got back (ambient.py), keeping them one.

@@ -15,6 +15,7 @@ import itertools
 import logging
 import pickle
 import pickletools
+import re
 import sys
 import types
 from typing import Any, Callable
@@ -263,6 +264,9 @@ class _DigestPickler(cloudpickle.Pickler):
         kind = type(obj)
         if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
             return _reduce_notebook_code(obj)
+        if kind is re.Match:  # by what it matched (pickle refuses it)
+            return _stand_in, ("match", obj.re, obj.string, obj.pos, obj.endpos, obj.regs,
+                               obj.lastindex)
         if isinstance(obj, logging.Handler):  # by what it does, not its lock and stream
             return _stand_in, ("logging handler", describe_handler(obj))
         if kind in self._frames:
