@@ -162,3 +162,16 @@ class Kernel:
         self._manager = self._client = None
         client.stop_channels()
         manager.shutdown_kernel(now=now)  # type: ignore[union-attr]
+
+
+def run_in_a_fresh_kernel(cwd: Path, env: Mapping[str, str], cells: list[str]) -> list[CellResult]:
+    """The cells in order in a new kernel, stopped afterwards; each must succeed."""
+    kernel = Kernel(cwd, env)
+    kernel.start()
+    try:
+        results = [kernel.execute(cell) for cell in cells]
+    finally:
+        kernel.stop()
+    for result in results:
+        assert result.status == "ok", result.describe_error()
+    return results

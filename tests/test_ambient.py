@@ -103,7 +103,9 @@ def test_unchanged_state_gives_no_changes() -> None:
     before = ambient.snapshot()
     after = ambient.snapshot()
 
-    assert list(before) == BUILT_IN_NAMES
+    # Built-ins first, in order; then any kinds registered in this process (an IPython host
+    # registers the shell's own, when another test made one).
+    assert list(before)[:len(BUILT_IN_NAMES)] == BUILT_IN_NAMES
     assert all(value is not None for value in before.values())  # all imported here
     assert ambient.changes(before, after) == {}
 
@@ -536,7 +538,7 @@ def test_a_state_that_cannot_be_read_is_left_out_of_the_snapshot(
     taken = ambient.snapshot()
 
     assert "cwd" not in taken
-    assert set(taken) == set(BUILT_IN_NAMES) - {"cwd"}
+    assert set(BUILT_IN_NAMES) - set(taken) == {"cwd"}
     assert any("cwd" in record.getMessage() for record in caplog.records)
 
 
@@ -789,7 +791,7 @@ def test_logging_configured_in_a_step_holds_after_it_replays_in_new_kernels(
     # was made in an earlier step or made again by a replay, and shown when it replays; the
     # handler a variable holds is the logger's; durable_nb's own decisions (DEBUG) are not
     # among the lines, though the notebook logs at INFO.
-    from .kernels import Kernel
+    from .kernels import run_in_a_fresh_kernel
 
     cells = ["%load_ext durable_nb\n%durable_workflow logging-replay",
              "%%durable_step setup\nopen('runs.txt', 'a').write('setup ')\nimport logging\n"
@@ -809,17 +811,10 @@ def test_logging_configured_in_a_step_holds_after_it_replays_in_new_kernels(
     env = {"DURABLE_NB_DB": str(tmp_path / "store.duckdb")}
     seen: list[list[str]] = []
     for notebook in [cells, [*cells, more], [*cells, more]]:
-        kernel = Kernel(tmp_path, env)
-        kernel.start()
-        try:
-            results = [kernel.execute(cell) for cell in notebook]
-            for result in results:
-                assert result.status == "ok", result.describe_error()
-            seen.append([result.stream_text("stderr") for result in results[2:]])
-            checked.append(kernel.execute(check).stream_text())
-            kernel.execute("file_handler.flush()")
-        finally:
-            kernel.stop()
+        *results, checking = run_in_a_fresh_kernel(tmp_path, env,
+                                                   [*notebook, f"{check}\nfile_handler.flush()"])
+        seen.append([result.stream_text("stderr") for result in results[2:]])
+        checked.append(checking.stream_text())
 
     both = ["INFO|working\n", "WARNING|more\nWARNING|not in the file\n"]
     assert seen == [["INFO|working\n"], both, both]
@@ -827,3 +822,29 @@ def test_logging_configured_in_a_step_holds_after_it_replays_in_new_kernels(
     # Made again to append: the log holds every line, as after one uninterrupted run.
     assert (tmp_path / "run.log").read_text() == "work:working\nwork:more\n"
     assert (tmp_path / "runs.txt").read_text().split() == ["setup", "work", "more"]
+
+
+def test_the_shells_settings_a_step_made_hold_after_it_replays_in_a_new_kernel(
+        tmp_path: Path) -> None:
+    # %precision, %config and %load_ext in a step: the shell's own settings, which a new
+    # kernel has at their defaults until the step replays.
+    from .kernels import run_in_a_fresh_kernel
+
+    cells = ["%load_ext durable_nb\n%durable_workflow shell-settings",
+             "%%durable_step setup\nopen('runs.txt', 'a').write('setup ')\n%precision 3\n"
+             "%config InlineBackend.figure_formats = ['retina']\n%load_ext autoreload\n"
+             "import math",
+             "math.pi"]
+    check = ("from matplotlib_inline.backend_inline import InlineBackend\n"
+             "print(sorted(InlineBackend.instance().figure_formats), "
+             "'IPython.extensions.autoreload' in get_ipython().extension_manager.loaded)")
+    env = {"DURABLE_NB_DB": str(tmp_path / "store.duckdb")}
+    seen = []
+    for _ in range(2):
+        *_, pi, checking = run_in_a_fresh_kernel(tmp_path, env, [*cells, check])
+        [shown] = [output.data["text/plain"] for output in pi.outputs
+                   if output.output_type == "execute_result"]
+        seen.append((shown, checking.stream_text()))
+
+    assert seen == [("3.142", "['retina'] True\n")] * 2
+    assert (tmp_path / "runs.txt").read_text().split() == ["setup"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from durable_nb.errors import StepTimeoutError
 
 from .conftest import NotebookSession, counted_step as step, runs
-from .kernels import Kernel
+from .kernels import run_in_a_fresh_kernel
 
 GATHER = ("import asyncio\n"
           "async def fetch(n):\n"
@@ -112,14 +112,7 @@ def test_a_step_that_awaits_uses_the_kernels_loop_and_replays_in_a_new_kernel(
     env = {"DURABLE_NB_DB": str(tmp_path / "store.duckdb")}
     shown = []
     for _ in range(2):
-        kernel = Kernel(tmp_path, env)
-        kernel.start()
-        try:
-            results = [kernel.execute(cell) for cell in cells]
-        finally:
-            kernel.stop()
-        for result in results:
-            assert result.status == "ok", result.describe_error()
+        results = run_in_a_fresh_kernel(tmp_path, env, cells)
         shown.append([result.stream_text() for result in results[2:]])
 
     assert shown == [["[0, 10, 20]\n", "50 30\n"]] * 2

@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol
 from .capture import OutputRecorder, recording
 from .cell import ALLOW_AWAIT, CompiledCell, compile_cell
 from ..magic_lines import is_step_cell
+from ..state import ambient
 from ..state.changes import is_ipython_internal
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class IPythonHost:
         self._after_plain_cell: list[Callable[[str], None]] = []
         shell.events.register("pre_run_cell", self._pre_run_cell)
         shell.events.register("post_run_cell", self._post_run_cell)
+        for state in ipython_states(shell):
+            ambient.register(state)
 
     def close(self) -> None:
         self._forget_formatted()
@@ -250,3 +253,43 @@ class PlainHost:
 def _matplotlib_backend() -> str:
     matplotlib = sys.modules.get("matplotlib")
     return matplotlib.get_backend() if matplotlib is not None else ""
+
+
+# -- the shell's own settings, as ambient state (state/ambient.py) ---------------------------
+
+def ipython_states(shell: Any) -> list[ambient.AmbientState]:
+    """What a step may set in the shell itself, for a replay to set again: `%config` settings
+    (`%config InlineBackend.figure_format = 'retina'`), `%precision`, and the extensions
+    `%load_ext` loaded (loaded again: a setting an extension keeps, such as `%autoreload 2`'s
+    mode, is not)."""
+    formatter = shell.display_formatter.formatters["text/plain"]
+
+    def capture_config() -> dict[str, str]:
+        # As `%config` leaves it: merged into the shell's config. Reprs: values may be lists.
+        return {f"{section}.{key}": repr(value) for section, values in shell.config.items()
+                if isinstance(values, dict) for key, value in values.items()}
+
+    def apply_config(change: dict[str, str]) -> None:
+        from traitlets.config import Config
+
+        def set_one(key: str, value: str) -> None:
+            config = Config()
+            exec(f"config.{key} = {value}", {}, {"config": config})  # noqa: S102 - as %config does
+            for configurable in shell.configurables:
+                configurable.update_config(config)
+
+        ambient.set_each(set_one, change)
+
+    def apply_extensions(loaded: tuple[str, ...]) -> None:
+        for name in loaded:
+            if name not in shell.extension_manager.loaded:
+                shell.extension_manager.load_extension(name)
+
+    return [
+        ambient.AmbientState("ipython.config", capture_config, apply_config, ambient.changed_keys),
+        ambient.AmbientState("ipython.precision", lambda: formatter.float_precision,
+                             lambda value: setattr(formatter, "float_precision", value)),
+        ambient.AmbientState("ipython.extensions",
+                             lambda: tuple(sorted(shell.extension_manager.loaded)),
+                             apply_extensions),
+    ]

@@ -103,7 +103,7 @@ def _default_diff(before: Any, after: Any) -> Any:
     return None if _same(before, after) else after
 
 
-def _changed_keys(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> Any:
+def changed_keys(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> Any:
     """{key: new value} for the keys that changed or appeared, None when there are none."""
     if before is None:
         return dict(after) or None
@@ -117,7 +117,7 @@ def _changed_keys(before: Mapping[str, Any] | None, after: Mapping[str, Any]) ->
     return changed or None
 
 
-def _set_each(setter: Callable[[str, Any], None], change: Mapping[str, Any]) -> None:
+def set_each(setter: Callable[[str, Any], None], change: Mapping[str, Any]) -> None:
     """Set every key that can be set, then raise naming the ones that could not."""
     failures = []
     for key, value in change.items():
@@ -219,7 +219,7 @@ def _diff_numpy_errstate(before: dict[str, str] | None, after: dict[str, str]) -
         import contextvars
 
         before = contextvars.Context().run(sys.modules["numpy"].geterr)
-    return _changed_keys(before, after)
+    return changed_keys(before, after)
 
 
 def _apply_numpy_errstate(change: dict[str, str]) -> None:
@@ -251,12 +251,12 @@ def _diff_pandas_options(before: dict[str, Any] | None, after: dict[str, Any]) -
         # the deprecation warnings of the deprecated ones).
         registered = sys.modules["pandas._config.config"]._registered_options
         before = {key: option.defval for key, option in registered.items()}
-    return _changed_keys(before, after)
+    return changed_keys(before, after)
 
 
 def _apply_pandas_options(change: dict[str, Any]) -> None:
     pandas = importlib.import_module("pandas")
-    _set_each(pandas.set_option, change)
+    set_each(pandas.set_option, change)
 
 
 def _capture_sklearn_config() -> Any:
@@ -268,12 +268,12 @@ def _capture_sklearn_config() -> Any:
 def _diff_sklearn_config(before: dict[str, Any] | None, after: dict[str, Any]) -> Any:
     if before is None:  # scikit-learn was imported by the step: its defaults
         before = dict(sys.modules["sklearn._config"]._global_config)
-    return _changed_keys(before, after)
+    return changed_keys(before, after)
 
 
 def _apply_sklearn_config(change: dict[str, Any]) -> None:
     set_config = importlib.import_module("sklearn").set_config
-    _set_each(lambda key, value: set_config(**{key: value}), change)
+    set_each(lambda key, value: set_config(**{key: value}), change)
 
 
 def _capture_matplotlib_rcparams() -> Any:
@@ -296,7 +296,7 @@ def _capture_matplotlib_rcparams() -> Any:
 
 def _apply_matplotlib_rcparams(change: dict[str, Any]) -> None:
     rc_params = importlib.import_module("matplotlib").rcParams
-    _set_each(rc_params.__setitem__, change)  # validated, as rcParams.update would
+    set_each(rc_params.__setitem__, change)  # validated, as rcParams.update would
 
 
 def _capture_warning_filters() -> Any:
@@ -587,7 +587,7 @@ BUILT_IN_STATES: tuple[AmbientState, ...] = (
     AmbientState("numpy.random", _capture_numpy_random, _apply_numpy_random,
                  _diff_numpy_random),
     AmbientState("numpy.printoptions", _capture_numpy_printoptions, _apply_numpy_printoptions,
-                 _changed_keys),
+                 changed_keys),
     AmbientState("numpy.errstate", _capture_numpy_errstate, _apply_numpy_errstate,
                  _diff_numpy_errstate),
     AmbientState("pandas.options", _capture_pandas_options, _apply_pandas_options,
@@ -595,7 +595,7 @@ BUILT_IN_STATES: tuple[AmbientState, ...] = (
     AmbientState("sklearn.config", _capture_sklearn_config, _apply_sklearn_config,
                  _diff_sklearn_config),
     AmbientState("matplotlib.rcParams", _capture_matplotlib_rcparams,
-                 _apply_matplotlib_rcparams, _changed_keys),
+                 _apply_matplotlib_rcparams, changed_keys),
 )
 
 
