@@ -141,3 +141,33 @@ def test_a_regex_match_counts_by_what_it_matched() -> None:
     assert value_digest(first) != value_digest(re.search(r"(\d+)", "ab 12 34", re.ASCII))
     assert value_digest(first) != value_digest(list(re.finditer(r"(\d+)", "ab 12 34"))[1])
     assert not is_opaque(value_digest(first))
+
+
+def test_pandas_indexes_and_arrays_count_by_value_not_by_their_caches() -> None:
+    # Any use of a pandas index or array (a repr, `.dtype`) fills its `_cache`, which its
+    # pickle carries: a digest of the pickle changed with no change to the value, so a step
+    # that read one counted as changing it, and a replayed copy differed from the original.
+    made = [pd.array([1, None, 3], dtype="Int64"),
+            pd.date_range("2024-01-01", periods=3, freq="h", tz="Europe/Berlin"),
+            pd.Categorical(["a", "b", "a"], categories=["b", "a"], ordered=True),
+            pd.MultiIndex.from_product([["x", "y"], [1, 2]], names=["k", "n"]),
+            pd.period_range("2024Q1", periods=2, freq="Q"), pd.interval_range(0, 3),
+            pd.arrays.SparseArray([0, 0, 1, 0]), pd.array(["a", None], dtype="string")]
+    for value in made:
+        fresh = value_digest(value)
+        repr(value), str(value), value.dtype  # noqa: B018 - fills the caches
+        assert value_digest(value) == fresh == value_digest(pickle.loads(pickle.dumps(value))), \
+            type(value).__name__
+
+    differing = [
+        (pd.Categorical(["a", "b"], categories=["b", "a"], ordered=True),
+         pd.Categorical(["a", "b"], categories=["a", "b"], ordered=True)),
+        (pd.date_range("2024-01-01", periods=3, freq="h", tz="UTC"),
+         pd.date_range("2024-01-01", periods=3, freq="h", tz="Europe/Berlin")),
+        (pd.date_range("2024-01-01", periods=3, freq="h"),
+         pd.DatetimeIndex(pd.date_range("2024-01-01", periods=3, freq="h"), freq=None)),
+        (pd.Index([1, 2], name="a"), pd.Index([1, 2], name="b")),
+        (pd.array([1, None], dtype="Int64"), pd.array([1, 2], dtype="Int64")),
+    ]
+    for first, second in differing:
+        assert value_digest(first) != value_digest(second), (first, second)

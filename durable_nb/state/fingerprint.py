@@ -227,6 +227,27 @@ def _reduce_pandas(obj: Any, pandas: Any) -> Any:
     return _stand_in, (labels, list(obj.index.names), index, columns, dict(obj.attrs))
 
 
+def _reduce_pandas_index(obj: Any, pandas: Any) -> Any:
+    """An index by its type, names, frequency and values; its pickle carries the `_cache`
+    that any use fills (a repr, `.dtype`), so it would change with no change to the index."""
+    try:
+        values = _pandas_values(obj, pandas)
+    except (TypeError, ValueError):
+        return None
+    return _stand_in, ("Index", type(obj).__name__, list(obj.names),
+                       str(getattr(obj, "freq", None)), values)
+
+
+def _reduce_pandas_array(obj: Any, pandas: Any) -> Any:
+    """A pandas array (nullable integers, categoricals, datetimes with a zone...) by its
+    type and values, for the same reason as an index."""
+    try:
+        values = _pandas_values(pandas.Series(obj, copy=False), pandas)
+    except (TypeError, ValueError):
+        return None
+    return _stand_in, ("array", type(obj).__name__, values)
+
+
 def _pandas_values(values: Any, pandas: Any) -> tuple[Any, ...]:
     if isinstance(values, pandas.RangeIndex):
         return ("range", values.start, values.stop, values.step)
@@ -238,7 +259,10 @@ def _pandas_values(values: Any, pandas: Any) -> tuple[Any, ...]:
             array = array.view(numpy.int64)
         return (str(dtype), type(values).__name__, pickle.PickleBuffer(array))
     rows = pandas.util.hash_pandas_object(values, index=False).to_numpy()
-    return (str(dtype), type(values).__name__, pickle.PickleBuffer(numpy.ascontiguousarray(rows)))
+    # A categorical's rows hash by their labels: its categories' order and whether they are
+    # ordered count through the dtype's repr ('category' says neither).
+    described = repr(dtype) if isinstance(dtype, pandas.CategoricalDtype) else str(dtype)
+    return (described, type(values).__name__, pickle.PickleBuffer(numpy.ascontiguousarray(rows)))
 
 
 class _DigestPickler(cloudpickle.Pickler):
@@ -254,6 +278,8 @@ class _DigestPickler(cloudpickle.Pickler):
         self._masked = getattr(modules.get("numpy.ma"), "MaskedArray", None)
         self._pandas = modules.get("pandas")
         self._frames = (self._pandas.DataFrame, self._pandas.Series) if self._pandas else ()
+        self._indexes = self._pandas.Index if self._pandas else None
+        self._pandas_arrays = self._pandas.api.extensions.ExtensionArray if self._pandas else None
         self._callbacks = getattr(modules.get("matplotlib.cbook"), "CallbackRegistry", None)
         self._containers = getattr(modules.get("matplotlib.container"), "Container", None)
         self._artists = tuple(kind for kind in (
@@ -271,6 +297,14 @@ class _DigestPickler(cloudpickle.Pickler):
             return _stand_in, ("logging handler", describe_handler(obj))
         if kind in self._frames:
             reduced = _reduce_pandas(obj, self._pandas)
+            if reduced is not None:
+                return reduced
+        if self._indexes is not None and isinstance(obj, self._indexes):
+            reduced = _reduce_pandas_index(obj, self._pandas)
+            if reduced is not None:
+                return reduced
+        if self._pandas_arrays is not None and isinstance(obj, self._pandas_arrays):
+            reduced = _reduce_pandas_array(obj, self._pandas)
             if reduced is not None:
                 return reduced
         if kind is self._callbacks:
