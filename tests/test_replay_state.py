@@ -302,3 +302,21 @@ def test_a_match_past_the_scan_limit_is_left_out_with_a_warning(
                                 "early = list(re.finditer(r'\\d', '12345'))[1]"))
     assert runs(counter) == ["late"]
     assert "late" not in session.ns and session.ns["early"].span() == (1, 2)
+
+
+def test_a_cached_function_defined_in_a_step_replays_with_an_empty_cache(
+        session: NotebookSession, counter: Path) -> None:
+    # Pickle saves an lru_cache wrapper by name (`__main__.fib`), which a replay cannot find
+    # before binding it: the whole step used to fail to restore, and executed again each time.
+    body = ("import functools\n@functools.lru_cache(maxsize=128)\ndef fib(n):\n"
+            "    return n if n < 2 else fib(n - 1) + fib(n - 2) + OFFSET\n"
+            "@functools.cache\ndef twice(x):\n    return 2 * x\nfirst = fib(20)")
+    run_twice(session, ["OFFSET = 0", counted_step(counter, "cached", body)])
+
+    assert runs(counter) == ["cached"]
+    fib, twice = session.ns["fib"], session.ns["twice"]
+    assert fib.cache_info().currsize == 0 and fib.cache_parameters()["maxsize"] == 128
+    assert (fib(20), session.ns["first"], twice(4)) == (6765, 6765, 8)
+    assert fib.__wrapped__.__globals__ is session.ns  # it sees later rebindings
+    session.ok("OFFSET = 1\nfib.cache_clear()")
+    assert fib(3) == 4  # 2 with OFFSET = 0

@@ -171,3 +171,13 @@ def test_pandas_indexes_and_arrays_count_by_value_not_by_their_caches() -> None:
     ]
     for first, second in differing:
         assert value_digest(first) != value_digest(second), (first, second)
+
+
+def test_a_cached_notebook_function_counts_by_its_code() -> None:
+    namespace: dict[str, object] = {"__name__": "__main__"}
+    exec("import functools\n@functools.lru_cache\ndef f(x):\n    return x + 1", namespace)  # noqa: S102
+    first = value_digest(namespace["f"])
+    exec("import functools\n@functools.lru_cache\ndef f(x):\n    return x + 2", namespace)  # noqa: S102
+    assert value_digest(namespace["f"]) != first
+    exec("import functools\n@functools.lru_cache\ndef f(x):\n    return x + 1", namespace)  # noqa: S102
+    assert value_digest(namespace["f"]) == first

@@ -25,6 +25,7 @@ being copied into the stream).
 from __future__ import annotations
 
 import copyreg
+import functools
 import io
 import logging
 import pickle
@@ -234,6 +235,14 @@ def _find_match(pattern: re.Pattern[Any], how: str | int, string: Any, pos: int,
     return scan.search()  # type: ignore[no-any-return]
 
 
+_LRU_CACHED = type(functools.lru_cache(maxsize=None)(lambda: None))
+
+
+def _lru_cached(function: Callable[..., Any], maxsize: int | None, typed: bool) -> Any:
+    """The cached function again, with its cache empty (what it had cached is not stored)."""
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(function)
+
+
 class StatePickler(cloudpickle.Pickler):
     """cloudpickle, with the step's older objects as references and notebook functions
     bound to the live namespace."""
@@ -258,6 +267,12 @@ class StatePickler(cloudpickle.Pickler):
             description = describe_handler(obj)
             if "unsupported" not in description:
                 return live_handler, (description,)
+        if type(obj) is _LRU_CACHED and getattr(obj.__wrapped__, "__globals__", None) \
+                is self.namespace:
+            # `@functools.lru_cache` (or `cache`) on a notebook function: pickle would save it
+            # by name (`__main__.fib`), which a replay cannot find before it binds it.
+            parameters = obj.cache_parameters()
+            return _lru_cached, (obj.__wrapped__, parameters["maxsize"], parameters["typed"])
         if isinstance(obj, types.FunctionType) and obj.__globals__ is self.namespace:
             make, arguments, (attributes, slots), *_ = self._dynamic_function_reduce(obj)
             slots = {**slots, "__globals__": {}}  # the live ones, not copies

@@ -9,6 +9,7 @@ kernel processes, and for a value and its copy restored from the store (see valu
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import io
 import itertools
@@ -265,6 +266,9 @@ def _pandas_values(values: Any, pandas: Any) -> tuple[Any, ...]:
     return (described, type(values).__name__, pickle.PickleBuffer(numpy.ascontiguousarray(rows)))
 
 
+_LRU_CACHED = type(functools.lru_cache(maxsize=None)(lambda: None))
+
+
 class _DigestPickler(cloudpickle.Pickler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -290,6 +294,8 @@ class _DigestPickler(cloudpickle.Pickler):
         kind = type(obj)
         if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
             return _reduce_notebook_code(obj)
+        if kind is _LRU_CACHED:  # by the function it caches (pickle saves it by name)
+            return _stand_in, ("lru_cache", obj.__wrapped__, obj.cache_parameters())
         if kind is re.Match:  # by what it matched (pickle refuses it)
             return _stand_in, ("match", obj.re, obj.string, obj.pos, obj.endpos, obj.regs,
                                obj.lastindex)
