@@ -320,3 +320,20 @@ def test_a_cached_function_defined_in_a_step_replays_with_an_empty_cache(
     assert fib.__wrapped__.__globals__ is session.ns  # it sees later rebindings
     session.ok("OFFSET = 1\nfib.cache_clear()")
     assert fib(3) == 4  # 2 with OFFSET = 0
+
+
+def test_a_singledispatch_function_defined_in_a_step_replays_with_its_implementations(
+        session: NotebookSession, counter: Path) -> None:
+    # Its dispatch cache holds weak references, which pickle refuses: it used to be left out.
+    body = ("import functools\nclass Money:\n    pass\n@functools.singledispatch\n"
+            "def describe(value):\n    return 'thing'\n@describe.register\n"
+            "def _(value: int):\n    return f'int {value * SCALE}'\n"
+            "@describe.register(Money)\ndef _(value):\n    return 'money'\nseen = describe(2)")
+    run_twice(session, ["SCALE = 1", counted_step(counter, "dispatch", body)])
+
+    assert runs(counter) == ["dispatch"]
+    describe, money = session.ns["describe"], session.ns["Money"]
+    assert [describe(2), describe(money()), describe("x")] == ["int 2", "money", "thing"]
+    assert describe.registry[money] is not None and session.ns["seen"] == "int 2"
+    session.ok("SCALE = 10\n@describe.register\ndef _(value: float):\n    return 'float'")
+    assert [describe(2), describe(1.5)] == ["int 20", "float"]

@@ -181,3 +181,14 @@ def test_a_cached_notebook_function_counts_by_its_code() -> None:
     assert value_digest(namespace["f"]) != first
     exec("import functools\n@functools.lru_cache\ndef f(x):\n    return x + 1", namespace)  # noqa: S102
     assert value_digest(namespace["f"]) == first
+
+
+def test_a_singledispatch_function_counts_by_its_implementations() -> None:
+    def made(body: str) -> object:
+        namespace: dict[str, object] = {"__name__": "__main__"}
+        exec("import functools\n@functools.singledispatch\ndef f(x):\n    return 0\n"  # noqa: S102
+             f"@f.register\ndef _(x: int):\n    return {body}", namespace)
+        return namespace["f"]
+
+    assert value_digest(made("1")) == value_digest(made("1"))
+    assert value_digest(made("1")) != value_digest(made("2"))

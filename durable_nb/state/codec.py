@@ -40,7 +40,7 @@ import cloudpickle
 
 from ..errors import RestoreFailed
 from .ambient import describe_handler, live_handler
-from .fingerprint import out_of_band
+from .fingerprint import DISPATCHING, LRU_CACHED, out_of_band
 from .references import LiveObjects, Missing, describe, qualified_type_name, resolve
 
 FORMAT = 1
@@ -235,7 +235,13 @@ def _find_match(pattern: re.Pattern[Any], how: str | int, string: Any, pos: int,
     return scan.search()  # type: ignore[no-any-return]
 
 
-_LRU_CACHED = type(functools.lru_cache(maxsize=None)(lambda: None))
+def _single_dispatch(implementations: list[tuple[type, Callable[..., Any]]]) -> Any:
+    """A singledispatch function again: its default, then each registered implementation."""
+    by_type = dict(implementations)
+    function = functools.singledispatch(by_type.pop(object))
+    for kind, implementation in by_type.items():
+        function.register(kind, implementation)
+    return function
 
 
 def _lru_cached(function: Callable[..., Any], maxsize: int | None, typed: bool) -> Any:
@@ -267,12 +273,16 @@ class StatePickler(cloudpickle.Pickler):
             description = describe_handler(obj)
             if "unsupported" not in description:
                 return live_handler, (description,)
-        if type(obj) is _LRU_CACHED and getattr(obj.__wrapped__, "__globals__", None) \
+        if type(obj) is LRU_CACHED and getattr(obj.__wrapped__, "__globals__", None) \
                 is self.namespace:
             # `@functools.lru_cache` (or `cache`) on a notebook function: pickle would save it
             # by name (`__main__.fib`), which a replay cannot find before it binds it.
             parameters = obj.cache_parameters()
             return _lru_cached, (obj.__wrapped__, parameters["maxsize"], parameters["typed"])
+        if isinstance(obj, types.FunctionType) and obj.__code__ is DISPATCHING:
+            # `@functools.singledispatch`: its dispatch cache holds weak references, which
+            # pickle refuses. Stored as its implementations by type, and made again.
+            return _single_dispatch, (list(obj.registry.items()),)  # type: ignore[attr-defined]
         if isinstance(obj, types.FunctionType) and obj.__globals__ is self.namespace:
             make, arguments, (attributes, slots), *_ = self._dynamic_function_reduce(obj)
             slots = {**slots, "__globals__": {}}  # the live ones, not copies

@@ -266,7 +266,10 @@ def _pandas_values(values: Any, pandas: Any) -> tuple[Any, ...]:
     return (described, type(values).__name__, pickle.PickleBuffer(numpy.ascontiguousarray(rows)))
 
 
-_LRU_CACHED = type(functools.lru_cache(maxsize=None)(lambda: None))
+# The types of two wrappers pickle cannot take as they are (codec.py stores them rebuilt).
+LRU_CACHED = type(functools.lru_cache(maxsize=None)(lambda: None))
+# Every `functools.singledispatch` function is a wrapper with this same code.
+DISPATCHING: types.CodeType = functools.singledispatch(lambda value: value).__code__  # type: ignore[attr-defined]
 
 
 class _DigestPickler(cloudpickle.Pickler):
@@ -292,9 +295,11 @@ class _DigestPickler(cloudpickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
+        if kind is types.FunctionType and obj.__code__ is DISPATCHING:  # by what it dispatches to
+            return _stand_in, ("singledispatch", list(obj.registry.items()))
         if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
             return _reduce_notebook_code(obj)
-        if kind is _LRU_CACHED:  # by the function it caches (pickle saves it by name)
+        if kind is LRU_CACHED:  # by the function it caches (pickle saves it by name)
             return _stand_in, ("lru_cache", obj.__wrapped__, obj.cache_parameters())
         if kind is re.Match:  # by what it matched (pickle refuses it)
             return _stand_in, ("match", obj.re, obj.string, obj.pos, obj.endpos, obj.regs,
