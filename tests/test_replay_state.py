@@ -337,3 +337,28 @@ def test_a_singledispatch_function_defined_in_a_step_replays_with_its_implementa
     assert describe.registry[money] is not None and session.ns["seen"] == "int 2"
     session.ok("SCALE = 10\n@describe.register\ndef _(value: float):\n    return 'float'")
     assert [describe(2), describe(1.5)] == ["int 20", "float"]
+
+
+def test_a_registry_that_init_subclass_fills_replays_once_per_class(
+        session: NotebookSession, counter: Path) -> None:
+    # Rebuilding a subclass used to run its base's __init_subclass__ again: here it failed on
+    # `Base`, not bound yet, so the step executed again; and an ABC's class digest was
+    # opaque (`_abc_impl`), so a later step's append to the registry was not recorded.
+    cells = [counted_step(counter, "base",
+                          "import abc\nclass Base(abc.ABC):\n    registry = []\n"
+                          "    def __init_subclass__(cls, **keywords):\n"
+                          "        super().__init_subclass__(**keywords)\n"
+                          "        Base.registry.append(cls.__name__)\n"
+                          "    @abc.abstractmethod\n    def area(self): ...\n"
+                          "class Square(Base):\n    def area(self):\n        return 4"),
+             counted_step(counter, "more", "class Triangle(Base):\n    def area(self):\n"
+                                           "        return 3\nshapes = [Square(), Triangle()]")]
+    run_twice(session, cells)
+
+    assert runs(counter) == ["base", "more"]
+    ns = session.ns
+    assert ns["Base"].registry == ["Square", "Triangle"]
+    assert [shape.area() for shape in ns["shapes"]] == [4, 3]
+    assert isinstance(ns["shapes"][1], ns["Base"])
+    with pytest.raises(TypeError):
+        ns["Base"]()  # still abstract

@@ -192,3 +192,13 @@ def test_a_singledispatch_function_counts_by_its_implementations() -> None:
 
     assert value_digest(made("1")) == value_digest(made("1"))
     assert value_digest(made("1")) != value_digest(made("2"))
+
+
+def test_an_abstract_notebook_class_counts_by_its_attributes() -> None:
+    namespace: dict[str, object] = {"__name__": "__main__"}
+    exec("import abc\nclass Base(abc.ABC):\n    registry = []", namespace)  # noqa: S102
+    base = namespace["Base"]
+    first = value_digest(base)
+    assert not is_opaque(first)
+    base.registry.append("Square")  # type: ignore[attr-defined]
+    assert value_digest(base) != first

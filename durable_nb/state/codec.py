@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import cloudpickle
+from cloudpickle.cloudpickle import _make_skeleton_class
 
 from ..errors import RestoreFailed
 from .ambient import describe_handler, live_handler
@@ -78,6 +79,11 @@ class DecodedState:
 
 # -- patching objects in place ----------------------------------------------------------
 
+# A class's attributes that are Python's own bookkeeping, not the class's state: `_abc_impl`
+# is an ABC's cache of its virtual subclasses (made again with the class; pickle refuses it).
+_CLASS_INTERNALS = ("__dict__", "__weakref__", "_abc_impl")
+
+
 def patch_state(value: Any) -> tuple[str, Any] | None:
     """How to put `value`'s current state into another process's live copy of it, in
     place: (kind, state), or None when this object cannot be changed in place."""
@@ -90,7 +96,7 @@ def patch_state(value: Any) -> tuple[str, Any] | None:
         return "array", value.view()
     if isinstance(value, type):
         return "class", {name: member for name, member in vars(value).items()
-                         if name not in ("__dict__", "__weakref__")}
+                         if name not in _CLASS_INTERNALS}
     if isinstance(value, types.FunctionType):
         return "function", (dict(value.__dict__), value.__defaults__, value.__kwdefaults__)
     if type(value) is list:
@@ -124,7 +130,7 @@ def apply_patch(live: Any, kind: str, state: Any) -> None:
             live.__setstate__(state.__reduce__()[2])
     elif kind == "class":
         for name in [name for name in vars(live) if name not in state
-                     and name not in ("__dict__", "__weakref__", "__module__", "__doc__")]:
+                     and name not in (*_CLASS_INTERNALS, "__module__", "__doc__")]:
             delattr(live, name)
         for name, member in state.items():
             if vars(live).get(name, _ABSENT) is not member:
@@ -244,6 +250,32 @@ def _single_dispatch(implementations: list[tuple[type, Callable[..., Any]]]) -> 
     return function
 
 
+def _make_class_quietly(*arguments: Any) -> type:
+    """cloudpickle's rebuilding of a notebook class, without running its bases'
+    `__init_subclass__`: that ran when the class was defined, and what it did (a base's
+    registry of subclasses) is in the recorded state already; run again, it would do it
+    twice, or fail on a name the replay has not bound yet."""
+    bases = types.resolve_bases(arguments[2])  # `__orig_bases__` may hold typing.NamedTuple
+    suspended = {}
+    for kind in {kind for base in bases for kind in getattr(base, "__mro__", ())
+                 if "__init_subclass__" in vars(kind) and kind is not object}:
+        try:
+            original = vars(kind)["__init_subclass__"]
+            type.__setattr__(kind, "__init_subclass__", classmethod(_skip_init_subclass))
+        except TypeError:  # a built-in or extension type: it runs, as before
+            continue
+        suspended[kind] = original
+    try:
+        return _make_skeleton_class(*arguments)  # type: ignore[no-any-return]
+    finally:
+        for kind, original in suspended.items():
+            type.__setattr__(kind, "__init_subclass__", original)
+
+
+def _skip_init_subclass(cls: type, /, **keywords: Any) -> None:
+    pass
+
+
 def _lru_cached(function: Callable[..., Any], maxsize: int | None, typed: bool) -> Any:
     """The cached function again, with its cache empty (what it had cached is not stored)."""
     return functools.lru_cache(maxsize=maxsize, typed=typed)(function)
@@ -287,7 +319,10 @@ class StatePickler(cloudpickle.Pickler):
             make, arguments, (attributes, slots), *_ = self._dynamic_function_reduce(obj)
             slots = {**slots, "__globals__": {}}  # the live ones, not copies
             return make, arguments, (attributes, slots), None, None, _set_function_state
-        return super().reducer_override(obj)
+        reduced = super().reducer_override(obj)
+        if isinstance(reduced, tuple) and reduced and reduced[0] is _make_skeleton_class:
+            return (_make_class_quietly, *reduced[1:])
+        return reduced
 
 
 def encode_state(live: LiveObjects, bindings: dict[str, Any], changed: list[ChangedInPlace],

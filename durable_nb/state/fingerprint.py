@@ -154,8 +154,9 @@ def _reduce_notebook_code(obj: Any) -> Any:
         return _stand_in, ("function", obj.__qualname__, code_digest(obj.__code__),
                            obj.__defaults__, obj.__kwdefaults__, _closure_contents(obj))
     # `__slotnames__` is copyreg's cache, set on a class once one of its instances is pickled.
+    # `_abc_impl` is an ABC's cache of virtual subclasses, which pickle refuses.
     attributes = sorted((name, value) for name, value in vars(obj).items()
-                        if name not in ("__dict__", "__weakref__", "__slotnames__"))
+                        if name not in ("__dict__", "__weakref__", "__slotnames__", "_abc_impl"))
     # The attributes go in the state: a method can refer back to its class, and pickle
     # memoizes the class before it saves the state.
     return _stand_in, ("class", obj.__qualname__, obj.__bases__), attributes

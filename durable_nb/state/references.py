@@ -11,7 +11,8 @@ references resolve to the live objects.
 
 What is indexed: the objects of the variables the step reads (but values whose identity
 means nothing, such as numbers, strings, modules and library functions), and the objects
-nested in them, in plain containers and in instances of the notebook's own classes. A step
+nested in them, in plain containers, in instances of the notebook's own classes and in
+those classes' attributes. A step
 cannot reach an older object but through the names it reads, so other variables need no
 path (unless its code reaches names without naming them: `globals()`, `eval`). Library objects (a DataFrame's internals, a model's fitted
 arrays) are not walked: they are copied with their owner, as pickle copies them.
@@ -142,7 +143,7 @@ def _walk(live: LiveObjects, root: str, value: Any, budget: int) -> int:
 
 def _members(value: Any) -> Iterable[tuple[tuple[str, Any], Any]]:
     """The members a path can step to: items of plain containers, attributes of instances
-    of the notebook's own classes."""
+    of the notebook's own classes, and those classes' own attributes."""
     kind = type(value)
     if kind in (list, tuple) or (isinstance(value, (list, tuple)) and _is_notebook_type(kind)):
         if len(value) <= MAX_CONTAINER_ITEMS:
@@ -158,6 +159,13 @@ def _members(value: Any) -> Iterable[tuple[tuple[str, Any], Any]]:
             and isinstance(getattr(value, "__dict__", None), dict):
         return [(("attr", name), member) for name, member in vars(value).items()
                 if isinstance(name, str)]
+    if isinstance(value, type) and _is_notebook_type(value):
+        # A notebook class's own data (a registry its `__init_subclass__` fills, a shared
+        # cache): what `getattr` finds as it is stored, so not methods' descriptors.
+        return [(("attr", name), member) for name, member in vars(value).items()
+                if isinstance(name, str) and not (name.startswith("__") and name.endswith("__"))
+                and name != "_abc_impl"
+                and not isinstance(member, (staticmethod, classmethod, property))]
     return []
 
 
