@@ -7,7 +7,8 @@ durable steps of one to three statements over typed name pools (ints `n*`, lists
 assignments, in-place mutations, aliases, containers sharing members, objects holding other
 objects, definitions and redefinitions of functions and classes, rebinding the globals they
 read, ints read only through a shell command's `$name`, classes whose body binds the name their
-method reads as a global, `random.seed`/`random.random()` and `os.environ`. A name keeps its kind, is read only once
+method reads as a global, `random.seed`/`random.random()`, `os.environ`, a logger's level and
+decimal's precision. A name keeps its kind, is read only once
 it exists, and a function only calls functions with a lower number, so no cell can fail. It
 then draws a crash point (after one of the steps, or after the last cell) and zero to two edits:
 a constant in one statement changed, in a plain cell or in a step.
@@ -18,7 +19,8 @@ in a fresh kernel. Two properties:
 
 1. the observables after the resume (every name in the notebook with the identity graph,
    `f(2)` for each function, `o.get()` for each instance, the next `random.random()` once
-   seeded, the environment variables) equal the reference's;
+   seeded, the environment variables, the logger's level and decimal's precision once set)
+   equal the reference's;
 2. each step completed before the crash replays, up to the first step an edit touched (it or
    something it reads): that one executes again, and when its result changed every step after
    it executes too (durable_nb's rule, which no fingerprint can prove unneeded), so from there
@@ -355,6 +357,20 @@ def _environment_read(draw: Any, model: Model) -> Statement:
     return Statement(f"import os\n{name} = os.environ.get('{key}')")
 
 
+def _logging_level(draw: Any, model: Model) -> Statement:
+    model.read()
+    model.ambient["logging"] = {model.cell}
+    return Statement("import logging\nlogging.getLogger('dnb_model').setLevel({c})",
+                     draw(CONSTANTS), ambient=True)
+
+
+def _decimal_precision(draw: Any, model: Model) -> Statement:
+    model.read()
+    model.ambient["decimal"] = {model.cell}
+    return Statement("import decimal\ndecimal.getcontext().prec = {c} + 5", draw(CONSTANTS),
+                     ambient=True)
+
+
 def _has(*pools: list[str]) -> Callable[[Model], bool]:
     return lambda model: all(model.bound(pool) for pool in pools)
 
@@ -387,6 +403,8 @@ BUILDERS: dict[str, Builder] = {
     "draw": (lambda model: "random" in model.ambient, _random_draw),
     "environ-set": (lambda model: True, _environment_set),
     "environ-read": (lambda model: True, _environment_read),
+    "logging-level": (lambda model: True, _logging_level),
+    "decimal-precision": (lambda model: True, _decimal_precision),
 }
 
 
@@ -484,6 +502,10 @@ def examples(draw: Any) -> Example:
     if "random" in model.ambient:
         expressions.append("random.random()")
     expressions += [f"os.environ.get({key!r})" for key in ENVIRONMENT_KEYS]
+    if "logging" in model.ambient:
+        expressions.append("logging.getLogger('dnb_model').level")
+    if "decimal" in model.ambient:
+        expressions.append("decimal.getcontext().prec")
     return Example(tuple(cells), crash_after, edits, names, tuple(expressions))
 
 
