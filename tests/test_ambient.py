@@ -826,18 +826,21 @@ def test_logging_configured_in_a_step_holds_after_it_replays_in_new_kernels(
 
 def test_the_shells_settings_a_step_made_hold_after_it_replays_in_a_new_kernel(
         tmp_path: Path) -> None:
-    # %precision, %config and %load_ext in a step: the shell's own settings, which a new
-    # kernel has at their defaults until the step replays.
+    # %precision, %config, %load_ext and a __future__ import in a step: the shell's own
+    # settings, which a new kernel has at their defaults until the step replays.
     from .kernels import run_in_a_fresh_kernel
 
     cells = ["%load_ext durable_nb\n%durable_workflow shell-settings",
-             "%%durable_step setup\nopen('runs.txt', 'a').write('setup ')\n%precision 3\n"
+             "%%durable_step setup\nfrom __future__ import annotations\n"
+             "open('runs.txt', 'a').write('setup ')\n%precision 3\n"
              "%config InlineBackend.figure_formats = ['retina']\n%load_ext autoreload\n"
              "import math",
              "math.pi"]
     check = ("from matplotlib_inline.backend_inline import InlineBackend\n"
+             "def later(shape: Undefined): ...\n"  # evaluated without the __future__ import
              "print(sorted(InlineBackend.instance().figure_formats), "
-             "'IPython.extensions.autoreload' in get_ipython().extension_manager.loaded)")
+             "'IPython.extensions.autoreload' in get_ipython().extension_manager.loaded, "
+             "later.__annotations__)")
     env = {"DURABLE_NB_DB": str(tmp_path / "store.duckdb")}
     seen = []
     for _ in range(2):
@@ -846,5 +849,5 @@ def test_the_shells_settings_a_step_made_hold_after_it_replays_in_a_new_kernel(
                    if output.output_type == "execute_result"]
         seen.append((shown, checking.stream_text()))
 
-    assert seen == [("3.142", "['retina'] True\n")] * 2
+    assert seen == [("3.142", "['retina'] True {'shape': 'Undefined'}\n")] * 2
     assert (tmp_path / "runs.txt").read_text().split() == ["setup"]

@@ -7,10 +7,13 @@ executor run (and be tested) without IPython.
 
 from __future__ import annotations
 
+import __future__
 import ast
+import functools
 import inspect
 import linecache
 import logging
+import operator
 import sys
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Protocol
@@ -257,9 +260,14 @@ def _matplotlib_backend() -> str:
 
 # -- the shell's own settings, as ambient state (state/ambient.py) ---------------------------
 
+_FUTURE_FLAGS = functools.reduce(operator.or_, (getattr(__future__, name).compiler_flag
+                                                for name in __future__.all_feature_names))
+
+
 def ipython_states(shell: Any) -> list[ambient.AmbientState]:
     """What a step may set in the shell itself, for a replay to set again: `%config` settings
-    (`%config InlineBackend.figure_format = 'retina'`), `%precision`, and the extensions
+    (`%config InlineBackend.figure_format = 'retina'`), `from __future__` imports (the shell
+    compiles later cells with them), `%precision`, and the extensions
     `%load_ext` loaded (loaded again: a setting an extension keeps, such as `%autoreload 2`'s
     mode, is not)."""
     formatter = shell.display_formatter.formatters["text/plain"]
@@ -280,6 +288,9 @@ def ipython_states(shell: Any) -> list[ambient.AmbientState]:
 
         ambient.set_each(set_one, change)
 
+    def apply_future(flags: int) -> None:
+        shell.compile.flags |= flags
+
     def apply_extensions(loaded: tuple[str, ...]) -> None:
         for name in loaded:
             if name not in shell.extension_manager.loaded:
@@ -287,6 +298,9 @@ def ipython_states(shell: Any) -> list[ambient.AmbientState]:
 
     return [
         ambient.AmbientState("ipython.config", capture_config, apply_config, ambient.changed_keys),
+        # `from __future__ import annotations` in a step: the shell compiles later cells with it.
+        ambient.AmbientState("ipython.future", lambda: shell.compile.flags & _FUTURE_FLAGS,
+                             apply_future),
         ambient.AmbientState("ipython.precision", lambda: formatter.float_precision,
                              lambda value: setattr(formatter, "float_precision", value)),
         ambient.AmbientState("ipython.extensions",
