@@ -4,7 +4,8 @@ A step can change state that lives in the process rather than in a variable: it 
 draws from a global random generator, sets a pandas option or a matplotlib style, adds a
 warning filter, sets an environment variable, extends `sys.path`, changes folder,
 configures logging, raises the recursion limit, sets decimal's precision, numpy's error
-handling (`np.seterr`) or scikit-learn's configuration (`set_config`). A
+handling (`np.seterr`) or scikit-learn's configuration (`set_config`), or registers a pandas
+accessor. A
 replay does not run the step's code, so without help those effects would be missing and the
 cells after a replayed step would behave differently from an uninterrupted run.
 
@@ -257,6 +258,38 @@ def _diff_pandas_options(before: dict[str, Any] | None, after: dict[str, Any]) -
 def _apply_pandas_options(change: dict[str, Any]) -> None:
     pandas = importlib.import_module("pandas")
     set_each(pandas.set_option, change)
+
+
+def _capture_pandas_accessors() -> Any:
+    """The accessors a notebook registered (`@register_dataframe_accessor("geo")` on a
+    notebook class), as "DataFrame.geo" -> the class; pandas' own and libraries' are left out
+    (they come with the import)."""
+    pandas = sys.modules.get("pandas")
+    if pandas is None or not hasattr(pandas, "DataFrame"):
+        return None
+    found = {}
+    for owner in ("DataFrame", "Series", "Index"):
+        kind = getattr(pandas, owner)
+        for name in sorted(getattr(kind, "_accessors", ())):
+            made = getattr(kind.__dict__.get(name), "_accessor", None)
+            if getattr(made, "__module__", None) == "__main__":
+                found[f"{owner}.{name}"] = made
+    return found
+
+
+def _apply_pandas_accessors(change: dict[str, Any]) -> None:
+    extensions = importlib.import_module("pandas").api.extensions
+    registrars = {"DataFrame": extensions.register_dataframe_accessor,
+                  "Series": extensions.register_series_accessor,
+                  "Index": extensions.register_index_accessor}
+
+    def register(key: str, accessor: Any) -> None:
+        owner, name = key.split(".", 1)
+        with warnings.catch_warnings():  # registering a name again warns that it overrides
+            warnings.simplefilter("ignore", UserWarning)
+            registrars[owner](name)(accessor)
+
+    set_each(register, change)
 
 
 def _capture_sklearn_config() -> Any:
@@ -592,6 +625,8 @@ BUILT_IN_STATES: tuple[AmbientState, ...] = (
                  _diff_numpy_errstate),
     AmbientState("pandas.options", _capture_pandas_options, _apply_pandas_options,
                  _diff_pandas_options),
+    AmbientState("pandas.accessors", _capture_pandas_accessors, _apply_pandas_accessors,
+                 changed_keys),
     AmbientState("sklearn.config", _capture_sklearn_config, _apply_sklearn_config,
                  _diff_sklearn_config),
     AmbientState("matplotlib.rcParams", _capture_matplotlib_rcparams,
