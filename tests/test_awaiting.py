@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from durable_nb.errors import StepTimeoutError
 
 from .conftest import NotebookSession, counted_step as step, runs
@@ -117,3 +119,16 @@ def test_a_step_that_awaits_uses_the_kernels_loop_and_replays_in_a_new_kernel(
 
     assert shown == [["[0, 10, 20]\n", "50 30\n"]] * 2
     assert (tmp_path / "runs.txt").read_text().split() == ["fetch"]
+
+
+def test_a_cell_the_transformer_cannot_judge_runs_as_it_would_have(
+        session: NotebookSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The transformer runs on every cell IPython transforms: it must never stop one.
+    host = session.shell.magics_manager.registry["DurableMagics"].executor.host
+
+    def cannot_tell(source: str) -> bool:
+        raise RuntimeError("cannot tell")
+
+    monkeypatch.setattr(host, "awaits", cannot_tell)
+    session.ok("%%durable_step plain\nvalue = 1")
+    assert session.ns["value"] == 1

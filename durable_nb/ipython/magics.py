@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import logging
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -13,6 +14,8 @@ from .. import magic_lines
 from ..engine.executor import DurableExecutor
 from ..cells.host import IPythonHost
 
+
+log = logging.getLogger(__name__)
 
 # What IPython turns a `%%durable_step` cell into, before its post transformers run.
 _STEP_CALL = "get_ipython().run_cell_magic('durable_step', "
@@ -90,7 +93,12 @@ class DurableMagics(Magics):
             line, cell = (argument.value for argument in call.args[1:])
         except (SyntaxError, AttributeError, IndexError, ValueError):
             return lines
-        if not self.executor.host.awaits(cell):
+        try:
+            awaits = self.executor.host.awaits(cell)
+        except Exception:  # noqa: BLE001 - a cell this cannot judge runs as it would have
+            log.debug("Could not tell whether a step's code awaits", exc_info=True)
+            return lines
+        if not awaits:
             return lines
         return [f"await get_ipython().magics_manager.registry['DurableMagics']"
                 f".durable_step_awaiting({line!r}, {cell!r})\n"]
