@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, TextIO
 
 from ..records import StoredOutput
+from ..state.ambient import loggers
 
 
 def notebook_data(data: dict[str, Any]) -> dict[str, Any]:
@@ -318,9 +319,7 @@ def recording(display_publisher: Any | None) -> Iterator[OutputRecorder]:
 def _point_handlers(streams: dict[int, Any]) -> None:
     """Point the logging StreamHandlers that write to a stream in `streams` (by id) at the
     stream it maps to (~3 us for a notebook's few dozen loggers)."""
-    loggers = [logging.root, *(item for item in list(logging.root.manager.loggerDict.values())
-                               if isinstance(item, logging.Logger))]
-    for item in loggers:
+    for item in loggers():
         for handler in item.handlers:
             if isinstance(handler, logging.StreamHandler):
                 target = streams.get(id(handler.stream))

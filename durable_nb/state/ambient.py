@@ -524,14 +524,15 @@ def live_handler(description: dict[str, Any]) -> logging.Handler:
     """The handler a step's variable held, in a replaying process: the one of a logger that
     matches `description` (made again when the step's logging changes were applied, so the
     variable and the logger share it, as they did), else a new one."""
-    for item in _loggers():
+    for item in loggers():
         for handler in item.handlers:
             if _same_handler(handler, description):
                 return handler
     return _make_handler(description)
 
 
-def _loggers() -> list[logging.Logger]:
+def loggers() -> list[logging.Logger]:
+    """The root logger and every logger made so far (not logging's placeholders)."""
     return [logging.root, *(item for item in list(logging.root.manager.loggerDict.values())
                             if isinstance(item, logging.Logger))]
 
